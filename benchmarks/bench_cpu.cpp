@@ -2,7 +2,9 @@
 // rooflines measured in the same process:
 //   copy_GBps    a memory copy on the backend's threads (bytes read + written per second; glibc's memcpy
 //                uses non-temporal stores at this size, so no write-allocate traffic is counted)
-//   gemm_GFLOPs  fp32 GEMM throughput of Eigen, every thread running its own 512^3 product at once
+//   gemm_GFLOPs  fp32 GEMM throughput of Eigen, every thread running its own 512^3 product at once: the
+//                faster of Eigen compiled for the baseline (SSE2) and for AVX2 + FMA where the processor
+//                has them (gemm_avx2_fma.cpp), because the library's own kernels pick AVX2 at run time
 // Counters of every benchmark:
 //   bytes_per_second   bytes the traffic model below says the op must move, over the measured time
 //   roofline_fraction  roofline time / measured time, roofline time = max(bytes / copy bandwidth,
@@ -41,6 +43,8 @@
 //
 // Names: <op>/<storage>/T:<tokens>/C:<hidden>/n:4[/<mapping>] with mapping mhc or hc where the op has one
 // (ops on fp32 coefficients only, such as sinkhorn and gates, are listed under fp32).
+// The kernels run with the instruction set mhc::default_cpu_isa() picks; MHC_CPU_ISA=baseline forces
+// the baseline ones (the same bits, for a comparison).
 // Usage: bench_cpu [--threads=K] [--tokens=1,16,...] [--hidden=1280,...] [--storage=fp32,bf16]
 //                  [--mapping=mhc,hc] [google benchmark flags, e.g. --benchmark_filter=<regex>]
 // The default is the full grid (T in {1,16,512,4096}, C in {1280,4096,7168}, fp32 and bf16, mHC and HC),
@@ -61,6 +65,10 @@
 #include <vector>
 
 #include <mhc/mhc.hpp>
+
+#if MHC_BENCH_GEMM_AVX2_FMA
+void mhc_bench_gemm_avx2_fma(const float* A, const float* B, float* C, int n);  // gemm_avx2_fma.cpp
+#endif
 
 namespace {
 
@@ -103,21 +111,49 @@ double copy_bandwidth() {
   return bw;
 }
 
-/// fp32 GEMM throughput (FLOP/s) of Eigen on every thread at once (each thread its own 512^3 product).
+/// Whether the GEMM roofline can also run Eigen's AVX2 + FMA kernels on this processor.
+bool gemm_avx2_fma_available() {
+#if MHC_BENCH_GEMM_AVX2_FMA
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+/// fp32 GEMM throughput (FLOP/s) of Eigen on every thread at once (each thread its own 512^3 product),
+/// with the instructions bench_cpu is compiled for (avx2_fma = false) or with AVX2 + FMA.
+double gemm_throughput_of(bool avx2_fma) {
+  const int n = 512, threads = backend().threads();
+  std::vector<Eigen::MatrixXf> A(threads, Eigen::MatrixXf::Random(n, n)), B(threads, Eigen::MatrixXf::Random(n, n)),
+      Cm(threads, Eigen::MatrixXf::Zero(n, n));
+  auto f = [&] {
+    backend().parallel_for(threads, 1, [&](index_t b0, index_t b1, int) {
+      for (auto i = b0; i < b1; ++i) {
+#if MHC_BENCH_GEMM_AVX2_FMA
+        if (avx2_fma) {
+          mhc_bench_gemm_avx2_fma(A[i].data(), B[i].data(), Cm[i].data(), n);
+          continue;
+        }
+#endif
+        Cm[i].noalias() = A[i] * B[i];
+      }
+    });
+  };
+  double best = 1e30;
+  for (int i = 0; i < 5; ++i) best = std::min(best, seconds_of(f, 2));
+  return 2.0 * double(n) * n * n * threads / best;
+}
+
+/// GEMM throughput with the instructions bench_cpu is compiled for (SSE2 by default on x86-64).
+double gemm_throughput_baseline() {
+  static const double fl = gemm_throughput_of(false);
+  return fl;
+}
+
+/// The GEMM roofline: the best of Eigen's baseline and AVX2 + FMA kernels this processor runs.
 double gemm_throughput() {
-  static double fl = [] {
-    const int n = 512, threads = backend().threads();
-    std::vector<Eigen::MatrixXf> A(threads, Eigen::MatrixXf::Random(n, n)), B(threads, Eigen::MatrixXf::Random(n, n)),
-        Cm(threads, Eigen::MatrixXf::Zero(n, n));
-    auto f = [&] {
-      backend().parallel_for(threads, 1, [&](index_t b0, index_t b1, int) {
-        for (auto i = b0; i < b1; ++i) Cm[i].noalias() = A[i] * B[i];
-      });
-    };
-    double best = 1e30;
-    for (int i = 0; i < 5; ++i) best = std::min(best, seconds_of(f, 2));
-    return 2.0 * double(n) * n * n * threads / best;
-  }();
+  static const double fl = std::max(gemm_throughput_baseline(), gemm_avx2_fma_available() ? gemm_throughput_of(true) : 0.0);
   return fl;
 }
 
@@ -500,6 +536,8 @@ int main(int argc, char** argv) {
       }
   benchmark::AddCustomContext("copy_GBps", std::to_string(copy_bandwidth() / 1e9));
   benchmark::AddCustomContext("gemm_GFLOPs", std::to_string(gemm_throughput() / 1e9));
+  benchmark::AddCustomContext("gemm_baseline_GFLOPs", std::to_string(gemm_throughput_baseline() / 1e9));
+  benchmark::AddCustomContext("mhc_cpu_isa", mhc::to_string(backend().isa()));
   benchmark::AddCustomContext("threads", std::to_string(backend().threads()));
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

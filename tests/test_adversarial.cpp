@@ -360,19 +360,20 @@ TEST(Determinism, LayerForwardBackwardAcrossThreadCounts) {
   expect_layer_deterministic<mhc::manifold>(2, 3000);
 }
 
-// The standalone ops not covered by the layer path, the same way: expand and its backward, the
-// Sinkhorn backward, head and its backward.
-TEST(Determinism, StandaloneOpsAcrossThreadCounts) {
+// The standalone ops not covered by the layer path, the same way.
+/// Every output of the standalone ops (expand, Sinkhorn backward, head and its backward) with `threads`
+/// threads and the kernels of `isa`, concatenated.
+std::vector<float> standalone_outputs(int threads, mhc::cpu_isa isa, index_t C) {
   constexpr int n = 4;
-  const index_t tokens = 37, C = 40, K = n * C;
+  const index_t tokens = 37, K = n * C;
   const auto h = residual(tokens, C, 7), R = residual(tokens, K, 8), gR = residual(tokens, K, 9);
   const auto L = mhc_test::to<float>(mhc_test::normal(std::size_t(tokens * n * n), 1.0, 10));
   const auto gcomb = mhc_test::to<float>(mhc_test::normal(L.size(), 1.0, 11));
   const auto phi_head = mhc_test::to<float>(mhc_test::normal(std::size_t(n * K), 1e-2, 12));
   const std::vector<float> bias_head = {0.1f, -0.2f, 0.3f, 0.0f};
   const auto gout = residual(tokens, C, 13);
-  const auto all_outputs = [&](int threads) {
-    const mhc::cpu be(threads);
+  {
+    const mhc::cpu be(threads, isa);
     const auto tn = static_cast<std::size_t>(tokens * n);
     std::vector<float> e(R.size()), eb(h.size()), gL(L.size()), out(h.size()), hw(tn), hp(tn),
         hr(static_cast<std::size_t>(tokens)), gRh(R.size(), 0.0f), gphi(phi_head.size()), ga(1),
@@ -391,9 +392,39 @@ TEST(Determinism, StandaloneOpsAcrossThreadCounts) {
     std::vector<float> all;
     for (const auto* v : {&e, &eb, &gL, &out, &hw, &hp, &hr, &gRh, &gphi, &ga, &gb}) all.insert(all.end(), v->begin(), v->end());
     return all;
-  };
-  const auto ref = all_outputs(1);
-  for (int threads : {1, 2, 3, 4, 7}) EXPECT_TRUE(mhc_test::bit_equal(ref, all_outputs(threads))) << threads;
+  }
+}
+
+TEST(Determinism, StandaloneOpsAcrossThreadCounts) {
+  const auto isa = mhc::default_cpu_isa();
+  const auto ref = standalone_outputs(1, isa, 40);
+  for (int threads : {1, 2, 3, 4, 7}) EXPECT_TRUE(mhc_test::bit_equal(ref, standalone_outputs(threads, isa, 40))) << threads;
+}
+
+// The baseline and AVX2 kernels give the same bits (K = 160: whole vectors; K = 4400: the projection's
+// 1024-element chunks with a tail).
+TEST(Determinism, StandaloneOpsAcrossInstructionSets) {
+  if (!mhc::cpu_isa_supported(mhc::cpu_isa::avx2)) GTEST_SKIP() << "this processor or build has no AVX2 kernels";
+  for (index_t C : {40, 1100})
+    EXPECT_TRUE(mhc_test::bit_equal(standalone_outputs(1, mhc::cpu_isa::baseline, C),
+                                    standalone_outputs(2, mhc::cpu_isa::avx2, C)))
+        << "C = " << C;
+}
+
+// The instruction set is the caller's to choose, and an unsupported one is refused without a change.
+TEST(Determinism, InstructionSetSelection) {
+  mhc::cpu be(1, mhc::cpu_isa::baseline);
+  EXPECT_EQ(be.isa(), mhc::cpu_isa::baseline);
+  EXPECT_TRUE(mhc::cpu_isa_supported(mhc::cpu_isa::baseline));
+  EXPECT_STREQ(mhc::to_string(mhc::cpu_isa::avx2), "avx2");
+  if (mhc::cpu_isa_supported(mhc::cpu_isa::avx2)) {
+    be.set_isa(mhc::cpu_isa::avx2);
+    EXPECT_EQ(be.isa(), mhc::cpu_isa::avx2);
+  } else {
+    EXPECT_THROW(be.set_isa(mhc::cpu_isa::avx2), mhc::error);
+    EXPECT_EQ(be.isa(), mhc::cpu_isa::baseline);
+    EXPECT_THROW(mhc::cpu(1, mhc::cpu_isa::avx2), mhc::error);
+  }
 }
 
 // ---------------------------------------------------------------------------------- thread pool

@@ -294,9 +294,10 @@ struct run_result {
 };
 
 template <int N, class T, class Mapping>
-run_result<T> run_with_threads(int threads, int tokens, int C, const mhc::config& cfg, std::uint64_t seed) {
+run_result<T> run_with_threads(int threads, int tokens, int C, const mhc::config& cfg, std::uint64_t seed,
+                               mhc::cpu_isa isa = mhc::default_cpu_isa()) {
   using B = mhc::cpu;
-  const B be(threads);
+  const B be(threads, isa);
   const inputs<B, T> in(tokens, N, C, 0.05, seed);
   run_result<T> r;
 
@@ -339,8 +340,8 @@ run_result<T> run_with_threads(int threads, int tokens, int C, const mhc::config
 }
 
 template <class T>
-void expect_same(const run_result<T>& a, const run_result<T>& b, int threads) {
-  const std::string w = "1 vs " + std::to_string(threads) + " threads: ";
+void expect_same(const run_result<T>& a, const run_result<T>& b, const std::string& what) {
+  const std::string w = what + ": ";
   EXPECT_TRUE(bit_equal(a.y, b.y)) << w << "layer input";
   EXPECT_TRUE(bit_equal(a.pre, b.pre)) << w << "pre";
   EXPECT_TRUE(bit_equal(a.post, b.post)) << w << "post";
@@ -370,7 +371,8 @@ void thread_determinism() {
       const std::uint64_t seed = next_seed();
       const auto one = run_with_threads<N, T, Mapping>(1, sc.tokens, sc.hidden, cfg, seed);
       for (int threads : {2, 3})
-        expect_same(one, run_with_threads<N, T, Mapping>(threads, sc.tokens, sc.hidden, cfg, seed), threads);
+        expect_same(one, run_with_threads<N, T, Mapping>(threads, sc.tokens, sc.hidden, cfg, seed),
+                    "1 vs " + std::to_string(threads) + " threads");
     }
   });
 }
@@ -385,6 +387,44 @@ TYPED_TEST(Fused, ThreadCountDeterminismUnconstrained) {
   MHC_SKIP_WITHOUT_DEVICE();
   if (!std::is_same_v<typename TypeParam::backend, mhc::cpu>) GTEST_SKIP() << "CPU thread counts only";
   thread_determinism<typename TypeParam::storage, mhc::unconstrained>();
+}
+
+// ------------------------------------------------------------------- instruction-set determinism
+
+/// The baseline kernels on one thread and the AVX2 kernels on two give the same bits for every
+/// output and gradient of the fused pre, post and the layer backward (the AVX2 kernels keep every
+/// sum's order and contract nothing). Shapes cover the four-token groups with and without a partial
+/// group, the projection's 1024-element chunks with a tail, K not a multiple of 8, and C = 1.
+template <class T, class Mapping>
+void isa_determinism() {
+  if (!mhc::cpu_isa_supported(mhc::cpu_isa::avx2)) GTEST_SKIP() << "this processor or build has no AVX2 kernels";
+  struct shape_case {
+    int tokens, hidden;
+  };
+  const std::vector<shape_case> shapes = {{300, 37}, {9, 4096}, {1, 4096}, {13, 1}, {7, 1100}, {6, 333}};
+  const mhc::config cfg;
+  for_streams<1, 3, 4, 8>([&](auto nc) {
+    constexpr int N = decltype(nc)::value;
+    for (const auto& sc : shapes) {
+      SCOPED_TRACE(label(N, sc.tokens, sc.hidden, Mapping::name, cfg));
+      const std::uint64_t seed = next_seed();
+      expect_same(run_with_threads<N, T, Mapping>(1, sc.tokens, sc.hidden, cfg, seed, mhc::cpu_isa::baseline),
+                  run_with_threads<N, T, Mapping>(2, sc.tokens, sc.hidden, cfg, seed, mhc::cpu_isa::avx2),
+                  "baseline (1 thread) vs avx2 (2 threads)");
+    }
+  });
+}
+
+TYPED_TEST(Fused, InstructionSetDeterminismManifold) {
+  MHC_SKIP_WITHOUT_DEVICE();
+  if (!std::is_same_v<typename TypeParam::backend, mhc::cpu>) GTEST_SKIP() << "CPU instruction sets only";
+  isa_determinism<typename TypeParam::storage, mhc::manifold>();
+}
+
+TYPED_TEST(Fused, InstructionSetDeterminismUnconstrained) {
+  MHC_SKIP_WITHOUT_DEVICE();
+  if (!std::is_same_v<typename TypeParam::backend, mhc::cpu>) GTEST_SKIP() << "CPU instruction sets only";
+  isa_determinism<typename TypeParam::storage, mhc::unconstrained>();
 }
 
 }  // namespace

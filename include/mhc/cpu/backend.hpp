@@ -36,12 +36,14 @@ struct backend_traits<cpu> {
   template <class Fn>
   static void token_ranges(const cpu& be, index_t T, index_t C, Fn&& fn) {
     be.parallel_for(T * C, 16384, [&](index_t b, index_t e, int) {
-      for (index_t i = b; i < e;) {
-        const index_t t = i / C, c0 = i % C, c1 = std::min(C, c0 + (e - i));
-        fn(t, c0, c1);
-        i += c1 - c0;
-      }
-      detail::stream_fence();
+      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+        for (index_t i = b; i < e;) {
+          const index_t t = i / C, c0 = i % C, c1 = std::min(C, c0 + (e - i));
+          fn(t, c0, c1);
+          i += c1 - c0;
+        }
+        detail::stream_fence();
+      });
     });
   }
 
@@ -61,7 +63,7 @@ struct backend_traits<cpu> {
   template <int N, class T>
   static void expand(const cpu& be, shape s, const T* h, T* R) {
     const index_t C = s.hidden;
-    token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) {
+    token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
       for (int m = 0; m < N; ++m) std::copy(h + t * C + c0, h + t * C + c1, R + (t * N + m) * C + c0);
     });
   }
@@ -71,7 +73,7 @@ struct backend_traits<cpu> {
     using st = storage_traits<T>;
     using F = compute_t<T>;
     const index_t C = s.hidden;
-    token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) {
+    token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
       const T* g = gR + t * N * C;
       for (index_t c = c0; c < c1; ++c) {
         F acc = st::load(g[c]);
@@ -86,15 +88,15 @@ struct backend_traits<cpu> {
   /// The RMS-scaled projection (scalar::rms_projection's bits) of tokens [b, e) in groups of
   /// detail::projection_tokens: writes u[t*M..] and r[t], then calls fn(t0, nt) for each group.
   template <int M, class T, class F, class Fn>
-  static void projection_groups(index_t b, index_t e, const T* R, index_t K, const F* phi, F eps_rms, F* u, F* r,
-                                Fn&& fn) {
+  static MHC_INLINE void projection_groups(const cpu& be, index_t b, index_t e, const T* R, index_t K, const F* phi, F eps_rms,
+                                F* u, F* r, Fn&& fn) {
     constexpr int TB = detail::projection_tokens;
     for (index_t t0 = b; t0 < e; t0 += TB) {
       const int nt = static_cast<int>(std::min<index_t>(TB, e - t0));
       const T* x[TB];
       F sq[TB];
       for (int a = 0; a < nt; ++a) x[a] = R + (t0 + a) * K;
-      detail::project_tokens<M>(x, nt, K, phi, u + t0 * M, sq);
+      detail::project_tokens<M>(be.isa(), x, nt, K, phi, u + t0 * M, sq, t0 + 2 * TB <= e);
       for (int a = 0; a < nt; ++a) r[t0 + a] = scalar::rstd_of(x[a], K, sq[a], eps_rms);
       fn(t0, nt);
     }
@@ -105,7 +107,9 @@ struct backend_traits<cpu> {
     constexpr int M = coeff_count<N>;
     const index_t K = N * s.hidden;
     be.parallel_for(s.tokens, token_grain(K * M), [&](index_t b, index_t e, int) {
-      projection_groups<M>(b, e, R, K, phi, eps_rms, u, r, [](index_t, int) {});
+      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+        projection_groups<M>(be, b, e, R, K, phi, eps_rms, u, r, [](index_t, int) MHC_ALWAYS_INLINE_LAMBDA {});
+      });
     });
   }
 
@@ -116,6 +120,7 @@ struct backend_traits<cpu> {
     constexpr index_t B = 64;
     const index_t blocks = (K + B - 1) / B;
     be.parallel_for(blocks, std::max<index_t>(1, 4096 / std::max<index_t>(1, tokens)), [&](index_t b0, index_t b1, int) {
+      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
       for (index_t blk = b0; blk < b1; ++blk) {
         const index_t k0 = blk * B, w = std::min(B, K - k0);
         F acc[M][B];
@@ -147,6 +152,7 @@ struct backend_traits<cpu> {
         for (int j = 0; j < M; ++j)
           for (index_t l = 0; l < w; ++l) gphi[index_t(j) * K + k0 + l] = acc[j][l];
       }
+      });
     });
   }
 
@@ -157,18 +163,20 @@ struct backend_traits<cpu> {
     constexpr int M = coeff_count<N>;
     const index_t K = N * s.hidden;
     be.parallel_for(s.tokens, token_grain(K * M), [&](index_t b, index_t e, int) {
-      for (index_t t = b; t < e; ++t) {
-        F gu[M];
-        const F gs = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu);
-        const T* x = R + t * K;
-        T* g = gR + t * K;
-        F pg[kblock];
-        for (index_t k0 = 0; k0 < K; k0 += kblock) {
-          const index_t w = std::min(kblock, K - k0);
-          detail::projection_input_grad<M>(gu, phi, K, k0, w, x + k0, gs, pg);
-          for (index_t l = 0; l < w; ++l) g[k0 + l] = st::store(st::load(g[k0 + l]) + pg[l]);
+      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+        for (index_t t = b; t < e; ++t) {
+          F gu[M];
+          const F gs = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu);
+          const T* x = R + t * K;
+          T* g = gR + t * K;
+          F pg[kblock];
+          for (index_t k0 = 0; k0 < K; k0 += kblock) {
+            const index_t w = std::min(kblock, K - k0);
+            detail::projection_input_grad<M>(be.isa(), gu, phi, K, k0, w, x + k0, gs, pg);
+            for (index_t l = 0; l < w; ++l) g[k0 + l] = st::store(st::load(g[k0 + l]) + pg[l]);
+          }
         }
-      }
+      });
     });
     accumulate_grad_phi<M>(be, s.tokens, K, R, gz, r, gphi);
   }
@@ -267,9 +275,9 @@ struct backend_traits<cpu> {
   template <int N, class T, class F>
   static void pre_apply(const cpu& be, shape s, const F* pre, const T* R, T* y) {
     const index_t C = s.hidden;
-    with_row_writer(s.tokens * C * index_t(sizeof(T)), false, [&](auto store) {
+    with_row_writer(s.tokens * C * index_t(sizeof(T)), false, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
-      token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) {
+      token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
         scalar::pre_apply<N, T, F, Store>(pre + t * N, R + t * N * C, C, y + t * C, c0, c1);
       });
     });
@@ -280,6 +288,7 @@ struct backend_traits<cpu> {
     using st = storage_traits<T>;
     const index_t C = s.hidden;
     be.parallel_for(s.tokens, token_grain(N * C), [&](index_t b, index_t e, int) {
+      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
       for (index_t t = b; t < e; ++t) {
         const T* x = R + t * N * C;
         const T* g = gy + t * C;
@@ -289,6 +298,7 @@ struct backend_traits<cpu> {
           for (index_t c = 0; c < C; ++c)
             out[index_t(m) * C + c] = st::store(st::load(out[index_t(m) * C + c]) + pre[t * N + m] * st::load(g[c]));
       }
+      });
     });
   }
 
@@ -301,10 +311,11 @@ struct backend_traits<cpu> {
     const index_t C = s.hidden, K = N * C;
     const F eps_rms = static_cast<F>(cfg.eps_rms), eps_pre = static_cast<F>(cfg.eps_pre);
     const F post_mult = static_cast<F>(cfg.post_mult), eps_sk = static_cast<F>(cfg.eps_sinkhorn);
-    with_row_writer(s.tokens * C * index_t(sizeof(T)), false, [&](auto store) {
+    with_row_writer(s.tokens * C * index_t(sizeof(T)), false, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
       be.parallel_for(s.tokens, token_grain(K * M), [&](index_t b, index_t e, int) {
-        projection_groups<M>(b, e, R, K, phi, eps_rms, u, r, [&](index_t t0, int nt) {
+        detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+        projection_groups<M>(be, b, e, R, K, phi, eps_rms, u, r, [&](index_t t0, int nt) MHC_ALWAYS_INLINE_LAMBDA {
           for (index_t t = t0; t < t0 + nt; ++t) {
             F* cb = comb + t * N * N;
             scalar::gates<Mapping>::template forward<N>(u + t * M, r[t], alpha, bias, eps_pre, post_mult,
@@ -315,6 +326,7 @@ struct backend_traits<cpu> {
           }
         });
         detail::stream_fence();
+        });
       });
     });
   }
@@ -338,6 +350,7 @@ struct backend_traits<cpu> {
     F* scratch = ga3 + tokens * 3;
     const index_t per_worker = sinkhorn_scratch_size(N, cfg.sinkhorn_iters);
     be.parallel_for(tokens, token_grain(K * M), [&](index_t b, index_t e, int w) {
+      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
       for (index_t t = b; t < e; ++t) {
         const T* x = R + t * K;
         const T* gy = gy_in + t * C;
@@ -356,7 +369,7 @@ struct backend_traits<cpu> {
           F pg[N][cblock];  // projection term of each stream over this block of c
           for (int i = 0; i < N; ++i) {
             const index_t k0 = index_t(i) * C + c0;
-            detail::projection_input_grad<M>(gu, phi, K, k0, width, x + k0, gs, pg[i]);
+            detail::projection_input_grad<M>(be.isa(), gu, phi, K, k0, width, x + k0, gs, pg[i]);
           }
           // The block is computed into ob before any of it is written: in place (gR == gR') stays
           // exact, and with no store to caller memory inside the loop it vectorises.
@@ -377,6 +390,7 @@ struct backend_traits<cpu> {
           for (int i = 0; i < N; ++i) scalar::plain_store::row(out + index_t(i) * C + c0, ob[i], width);
         }
       }
+      });
     });
     reduce_alpha_bias<M>(tokens, gb, ga3, 3, galpha, gbias);
     accumulate_grad_phi<M>(be, tokens, K, R, gz, r, gphi);
@@ -387,9 +401,9 @@ struct backend_traits<cpu> {
   template <int N, class T, class F>
   static void post(const cpu& be, shape s, const F* post_w, const F* comb, const T* y, const T* R, T* Rout) {
     const index_t C = s.hidden;
-    with_row_writer(s.tokens * N * C * index_t(sizeof(T)), Rout == R, [&](auto store) {
+    with_row_writer(s.tokens * N * C * index_t(sizeof(T)), Rout == R, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
-      token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) {
+      token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
         scalar::post<N, T, F, Store>(post_w + t * N, comb + t * N * N, y + t * C, R + t * N * C, C, Rout + t * N * C,
                                      c0, c1);
       });
@@ -411,9 +425,11 @@ struct backend_traits<cpu> {
                             const T* gRout, T* gR, T* gy, F* gpost, F* gcomb) {
     const index_t C = s.hidden;
     be.parallel_for(s.tokens, token_grain(N * C), [&](index_t b, index_t e, int) {
-      for (index_t t = b; t < e; ++t)
-        scalar::post_backward<N>(post_w + t * N, comb + t * N * N, y + t * C, R + t * N * C, gRout + t * N * C, C,
-                                 gR ? gR + t * N * C : nullptr, gy + t * C, gpost + t * N, gcomb + t * N * N);
+      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+        for (index_t t = b; t < e; ++t)
+          scalar::post_backward<N>(post_w + t * N, comb + t * N * N, y + t * C, R + t * N * C, gRout + t * N * C, C,
+                                   gR ? gR + t * N * C : nullptr, gy + t * C, gpost + t * N, gcomb + t * N * N);
+      });
     });
   }
 
@@ -424,12 +440,14 @@ struct backend_traits<cpu> {
                    T* out, F* h, F* u, F* r) {
     const index_t C = s.hidden, K = N * C;
     be.parallel_for(s.tokens, token_grain(K * N), [&](index_t b, index_t e, int) {
-      projection_groups<N>(b, e, R, K, phi, eps_rms, u, r, [&](index_t t0, int nt) {
-        for (index_t t = t0; t < t0 + nt; ++t) {
-          for (int m = 0; m < N; ++m)
-            h[t * N + m] = scalar::head_weight(u[t * N + m], r[t], alpha, bias[m], eps_pre);
-          scalar::pre_apply<N>(h + t * N, R + t * K, C, out + t * C, 0, C);
-        }
+      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+        projection_groups<N>(be, b, e, R, K, phi, eps_rms, u, r, [&](index_t t0, int nt) MHC_ALWAYS_INLINE_LAMBDA {
+          for (index_t t = t0; t < t0 + nt; ++t) {
+            for (int m = 0; m < N; ++m)
+              h[t * N + m] = scalar::head_weight(u[t * N + m], r[t], alpha, bias[m], eps_pre);
+            scalar::pre_apply<N>(h + t * N, R + t * K, C, out + t * C, 0, C);
+          }
+        });
       });
     });
   }
@@ -448,6 +466,7 @@ struct backend_traits<cpu> {
     F* gb = gz + tokens * N;
     F* ga1 = gb + tokens * N;
     be.parallel_for(tokens, token_grain(K * N), [&](index_t b, index_t e, int) {
+      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
       for (index_t t = b; t < e; ++t) {
         const T* x = R + t * K;
         const T* go = gout + t * C;
@@ -461,7 +480,7 @@ struct backend_traits<cpu> {
         for (int m = 0; m < N; ++m)
           for (index_t c0 = 0; c0 < C; c0 += kblock) {
             const index_t w = std::min(kblock, C - c0), k0 = index_t(m) * C + c0;
-            detail::projection_input_grad<N>(gu, phi, K, k0, w, x + k0, gs, pg);
+            detail::projection_input_grad<N>(be.isa(), gu, phi, K, k0, w, x + k0, gs, pg);
             for (index_t l = 0; l < w; ++l) {
               F acc = st::load(out[k0 + l]) + h[t * N + m] * st::load(go[c0 + l]);
               acc += pg[l];
@@ -469,6 +488,7 @@ struct backend_traits<cpu> {
             }
           }
       }
+      });
     });
     reduce_alpha_bias<N>(tokens, gb, ga1, 1, galpha, gbias);
     accumulate_grad_phi<N>(be, tokens, K, R, gz, r, gphi);

@@ -9,6 +9,7 @@
 #include "mhc/core/backend.hpp"
 #include "mhc/core/config.hpp"
 #include "mhc/core/error.hpp"
+#include "mhc/cpu/isa.hpp"
 #include "mhc/cpu/thread_pool.hpp"
 
 namespace mhc {
@@ -16,15 +17,34 @@ namespace mhc {
 /// CPU backend (Eigen types, portable C++17 loops, a persistent thread pool). Pass an instance to
 /// every op or layer; copies share the same pool. Work is split over tokens (or over the hidden
 /// dimension when there are few tokens) in pieces that do not depend on the thread count, so every
-/// result is bit-identical for any number of threads.
+/// result is bit-identical for any number of threads. The hot kernels run with the vector
+/// instruction set isa() (see mhc/cpu/isa.hpp), which does not change any result either.
 class cpu {
  public:
-  /// A backend running on `threads` threads (0: std::thread::hardware_concurrency()).
-  /// Throws mhc::error for a negative count.
-  explicit cpu(int threads = 0) { set_threads(threads); }
+  /// A backend running on `threads` threads (0: std::thread::hardware_concurrency()) with the
+  /// instruction set default_cpu_isa(). Throws mhc::error for a negative count (or a bad MHC_CPU_ISA).
+  explicit cpu(int threads = 0) : isa_(default_cpu_isa()) { set_threads(threads); }
+
+  /// A backend running on `threads` threads with the kernels of `isa`. Throws mhc::error for a
+  /// negative count or an instruction set this build or processor cannot run.
+  cpu(int threads, cpu_isa isa) : isa_(cpu_isa::baseline) {
+    set_threads(threads);
+    set_isa(isa);
+  }
 
   /// Number of threads ops run on.
   int threads() const noexcept { return pool_->size(); }
+
+  /// Instruction set of the kernels ops run with.
+  cpu_isa isa() const noexcept { return isa_; }
+
+  /// Changes the instruction set (same bits, different speed). Throws mhc::error, and changes nothing,
+  /// when cpu_isa_supported(isa) is false. Not thread-safe with ops running on this object.
+  void set_isa(cpu_isa isa) {
+    if (!cpu_isa_supported(isa))
+      detail::fail("cpu::set_isa", "isa", "is not supported by this build or processor", to_string(isa));
+    isa_ = isa;
+  }
 
   /// Changes the thread count (0: hardware concurrency). Not thread-safe with ops running on this object.
   void set_threads(int threads) {
@@ -60,6 +80,7 @@ class cpu {
 
  private:
   std::shared_ptr<detail::thread_pool> pool_;
+  cpu_isa isa_;
 };
 
 }  // namespace mhc

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "mhc/core/config.hpp"
+#include "mhc/cpu/isa.hpp"
 #include "mhc/ops/scalar.hpp"
 
 #if defined(__SSE2__)
@@ -93,6 +94,132 @@ MHC_INLINE void project_tokens(const T* const* x, int nt, index_t K, const F* ph
   }
 }
 
+#if MHC_HAVE_AVX2_KERNELS
+/// c0[a] += lanes of p0[i] * x[a][i] and c1[a] += lanes of p1[i] * x[a][i] for four tokens a over w
+/// elements (a multiple of 8): four tokens by two rows of phi per register block, eight lanes in one
+/// 256-bit register, a product then a sum as scalar::project_row (the same bits). phi is read once
+/// for four tokens, each token's chunk feeds two rows.
+MHC_TARGET_AVX2 inline void project_4x2_avx2(const float* p0, const float* p1, const float* const* x, index_t w,
+                                             float* const* c0, float* const* c1) {
+  __m256 a0 = _mm256_loadu_ps(c0[0]), a1 = _mm256_loadu_ps(c0[1]), a2 = _mm256_loadu_ps(c0[2]);
+  __m256 a3 = _mm256_loadu_ps(c0[3]), b0 = _mm256_loadu_ps(c1[0]), b1 = _mm256_loadu_ps(c1[1]);
+  __m256 b2 = _mm256_loadu_ps(c1[2]), b3 = _mm256_loadu_ps(c1[3]);
+  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  for (index_t i = 0; i < w; i += 8) {
+    const __m256 p = _mm256_loadu_ps(p0 + i), q = _mm256_loadu_ps(p1 + i);
+    const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
+    a0 = _mm256_add_ps(a0, _mm256_mul_ps(p, v0));
+    b0 = _mm256_add_ps(b0, _mm256_mul_ps(q, v0));
+    a1 = _mm256_add_ps(a1, _mm256_mul_ps(p, v1));
+    b1 = _mm256_add_ps(b1, _mm256_mul_ps(q, v1));
+    const __m256 v2 = _mm256_loadu_ps(x2 + i), v3 = _mm256_loadu_ps(x3 + i);
+    a2 = _mm256_add_ps(a2, _mm256_mul_ps(p, v2));
+    b2 = _mm256_add_ps(b2, _mm256_mul_ps(q, v2));
+    a3 = _mm256_add_ps(a3, _mm256_mul_ps(p, v3));
+    b3 = _mm256_add_ps(b3, _mm256_mul_ps(q, v3));
+  }
+  _mm256_storeu_ps(c0[0], a0), _mm256_storeu_ps(c0[1], a1), _mm256_storeu_ps(c0[2], a2), _mm256_storeu_ps(c0[3], a3);
+  _mm256_storeu_ps(c1[0], b0), _mm256_storeu_ps(c1[1], b1), _mm256_storeu_ps(c1[2], b2), _mm256_storeu_ps(c1[3], b3);
+}
+
+/// Eight values of x as floats: fp32 as they are, bf16 widened exactly (the 16 bits moved to the top).
+template <class T>
+MHC_TARGET_AVX2 MHC_INLINE __m256 load8_avx2(const T* x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(x);
+  } else {
+    static_assert(sizeof(T) == 2, "bf16 is its 16-bit pattern");
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+/// scalar::load_chunk with AVX2: xb = x as floats, sq[l] += squares of lane l, in increasing element order.
+template <class T>
+MHC_TARGET_AVX2 MHC_INLINE void load_chunk_avx2(const T* x, index_t w, float* xb, float* sq) {
+  const index_t full = w / 8 * 8;
+  __m256 s = _mm256_loadu_ps(sq);
+  for (index_t i = 0; i < full; i += 8) {
+    const __m256 v = load8_avx2(x + i);
+    _mm256_storeu_ps(xb + i, v);
+    s = _mm256_add_ps(s, _mm256_mul_ps(v, v));
+  }
+  _mm256_storeu_ps(sq, s);
+  for (index_t i = full; i < w; ++i) {
+    xb[i] = storage_traits<T>::load(x[i]);
+    sq[i - full] += xb[i] * xb[i];
+  }
+}
+
+/// project_tokens with the AVX2 kernel (fp32 compute): the same bits. Each token's chunk is copied
+/// to a padded buffer (the rows of R and phi lie a multiple of 4 KiB apart and would share L1 sets),
+/// and while a chunk is multiplied the next one (of these tokens, or with `more` of the next
+/// projection_tokens tokens, which follow in memory) is prefetched.
+template <int M, class T>
+MHC_TARGET_AVX2 void project_tokens_avx2(const T* const* x, int nt, index_t K, const float* phi, float* u, float* s,
+                                         bool more) {
+  constexpr int W = scalar::projection_lanes, TB = projection_tokens;
+  constexpr index_t chunk = scalar::projection_chunk, pad = 16;
+  static_assert(W == 8 && TB == 4, "the kernel holds eight lanes of four tokens");
+  alignas(32) float acc[TB][M][W];
+  alignas(32) float sq[TB][W];
+  for (int a = 0; a < TB; ++a)
+    for (int l = 0; l < W; ++l) {
+      sq[a][l] = 0.0f;
+      for (int j = 0; j < M; ++j) acc[a][j][l] = 0.0f;
+    }
+  alignas(32) float xb[TB][chunk + pad];
+  const float* xs[TB] = {xb[0], xb[1], xb[2], xb[3]};
+  constexpr int pairs = M / 2 > 0 ? M / 2 : 1;
+  for (index_t k0 = 0; k0 < K; k0 += chunk) {
+    const index_t w = K - k0 < chunk ? K - k0 : chunk, full = w / 8 * 8;
+    for (int a = 0; a < nt; ++a) load_chunk_avx2(x[a] + k0, w, xb[a], sq[a]);
+    // The next chunk to prefetch, a few lines before each row pair.
+    const index_t kn = k0 + chunk < K ? k0 + chunk : (more ? index_t(TB) * K : K);
+    const index_t nw = k0 + chunk < K ? (K - kn < chunk ? K - kn : chunk) : (more ? (K < chunk ? K : chunk) : 0);
+    const index_t lines = (nw * index_t(sizeof(T)) + 63) / 64, per = (lines + pairs - 1) / pairs;
+    if (nt == TB) {
+      int j = 0;
+      for (; j + 2 <= M; j += 2) {
+        const index_t l0 = index_t(j / 2) * per, l1 = l0 + per < lines ? l0 + per : lines;
+        for (int a = 0; a < TB; ++a)
+          for (index_t l = l0; l < l1; ++l)
+            _mm_prefetch(reinterpret_cast<const char*>(x[a] + kn) + l * 64, _MM_HINT_NTA);
+        const float* p = phi + index_t(j) * K + k0;
+        float* c0[TB] = {acc[0][j], acc[1][j], acc[2][j], acc[3][j]};
+        float* c1[TB] = {acc[0][j + 1], acc[1][j + 1], acc[2][j + 1], acc[3][j + 1]};
+        project_4x2_avx2(p, p + K, xs, full, c0, c1);
+        for (int a = 0; a < TB && full < w; ++a) {  // the tail continues the same lanes
+          scalar::project_row(p + full, xb[a] + full, w - full, acc[a][j]);
+          scalar::project_row(p + K + full, xb[a] + full, w - full, acc[a][j + 1]);
+        }
+      }
+      for (; j < M; ++j)
+        for (int a = 0; a < TB; ++a) scalar::project_row(phi + index_t(j) * K + k0, xb[a], w, acc[a][j]);
+    } else {
+      for (int a = 0; a < nt; ++a)
+        for (int j = 0; j < M; ++j) scalar::project_row(phi + index_t(j) * K + k0, xb[a], w, acc[a][j]);
+    }
+  }
+  for (int a = 0; a < nt; ++a) {
+    s[a] = scalar::combine_lanes(sq[a]);
+    for (int j = 0; j < M; ++j) u[a * M + j] = scalar::combine_lanes(acc[a][j]);
+  }
+}
+#endif
+
+/// project_tokens with the kernels of `isa` (the same bits for every isa). `more`: the next
+/// projection_tokens tokens follow these in memory (a prefetch hint).
+template <int M, class T, class F>
+inline void project_tokens(cpu_isa isa, const T* const* x, int nt, index_t K, const F* phi, F* u, F* s, bool more) {
+#if MHC_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<F, float>)
+    if (isa == cpu_isa::avx2) return project_tokens_avx2<M>(x, nt, K, phi, u, s, more);
+#endif
+  (void)isa, (void)more;
+  project_tokens<M>(x, nt, K, phi, u, s);
+}
+
 /// scalar::projection_input_grad in the same order (from zero, j = 0..M-1, then 2 x gs; the same bits)
 /// with SSE2: rows of phi in groups of four over 16 elements at a time, the partial sums in registers
 /// within a group. Four rows at a time, not all M: the rows lie K floats apart, so with K a multiple of
@@ -131,6 +258,55 @@ MHC_INLINE void projection_input_grad(const F* gu, const F* phi, index_t K, inde
   }
 #endif
   scalar::projection_input_grad<M>(gu, phi, K, k0, w, x, gs, out);
+}
+
+#if MHC_HAVE_AVX2_KERNELS
+/// projection_input_grad with AVX2: four rows of phi over 32 elements at a time (the same order: from
+/// zero, j = 0..M-1, then 2 x gs; the same bits).
+template <int M, class T>
+MHC_TARGET_AVX2 void projection_input_grad_avx2(const float* gu, const float* phi, index_t K, index_t k0, index_t w,
+                                                const T* x, float gs, float* out) {
+  const index_t full = w / 32 * 32;
+  for (int j0 = 0; j0 < M; j0 += 4) {
+    const int j1 = j0 + 4 < M ? j0 + 4 : M;
+    for (index_t l = 0; l < full; l += 32) {
+      __m256 o0, o1, o2, o3;
+      if (j0 == 0) {
+        o0 = o1 = o2 = o3 = _mm256_setzero_ps();
+      } else {
+        o0 = _mm256_loadu_ps(out + l), o1 = _mm256_loadu_ps(out + l + 8);
+        o2 = _mm256_loadu_ps(out + l + 16), o3 = _mm256_loadu_ps(out + l + 24);
+      }
+      const float* p = phi + index_t(j0) * K + k0 + l;
+      for (int j = j0; j < j1; ++j, p += K) {
+        const __m256 g = _mm256_set1_ps(gu[j]);
+        o0 = _mm256_add_ps(o0, _mm256_mul_ps(g, _mm256_loadu_ps(p)));
+        o1 = _mm256_add_ps(o1, _mm256_mul_ps(g, _mm256_loadu_ps(p + 8)));
+        o2 = _mm256_add_ps(o2, _mm256_mul_ps(g, _mm256_loadu_ps(p + 16)));
+        o3 = _mm256_add_ps(o3, _mm256_mul_ps(g, _mm256_loadu_ps(p + 24)));
+      }
+      _mm256_storeu_ps(out + l, o0), _mm256_storeu_ps(out + l + 8, o1), _mm256_storeu_ps(out + l + 16, o2);
+      _mm256_storeu_ps(out + l + 24, o3);
+    }
+  }
+  if (full < w) scalar::projection_input_grad<M>(gu, phi, K, k0 + full, w - full, x + full, gs, out + full);
+  const __m256 two = _mm256_set1_ps(2.0f), g = _mm256_set1_ps(gs);
+  for (index_t l = 0; l < full; l += 8)
+    _mm256_storeu_ps(out + l, _mm256_add_ps(_mm256_loadu_ps(out + l),
+                                            _mm256_mul_ps(_mm256_mul_ps(two, load8_avx2(x + l)), g)));
+}
+#endif
+
+/// projection_input_grad with the kernels of `isa` (the same bits for every isa).
+template <int M, class T, class F>
+inline void projection_input_grad(cpu_isa isa, const F* gu, const F* phi, index_t K, index_t k0, index_t w, const T* x,
+                                  F gs, F* out) {
+#if MHC_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<F, float>)
+    if (isa == cpu_isa::avx2) return projection_input_grad_avx2<M>(gu, phi, K, k0, w, x, gs, out);
+#endif
+  (void)isa;
+  projection_input_grad<M>(gu, phi, K, k0, w, x, gs, out);
 }
 
 }  // namespace detail
