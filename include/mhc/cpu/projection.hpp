@@ -4,7 +4,9 @@
 /// Same arithmetic as scalar::project, product for product and lane for lane, so the same bits: only
 /// the loop order differs, so each chunk of phi is read from the cache once for a group of tokens and
 /// each phi load in the inner kernel feeds two tokens. The inner kernel uses SSE2 intrinsics (the
-/// x86-64 baseline) under `__SSE2__` and scalar::project_row elsewhere.
+/// x86-64 baseline) under `__SSE2__` and scalar::project_row elsewhere; where the build carries AVX2
+/// kernels (mhc/cpu/isa.hpp) the AVX2 versions below give the same bits faster, and the overloads
+/// taking a cpu_isa pick between them.
 
 #include <type_traits>
 
