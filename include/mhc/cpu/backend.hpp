@@ -23,10 +23,6 @@ template <>
 struct backend_traits<cpu> {
   /// The ops' buffers live in host memory (the API may read small inputs such as alpha to validate them).
   static constexpr bool host_memory = true;
-  /// Elements of the hidden dimension processed together in the backward's projection term.
-  static constexpr index_t kblock = 512;
-  /// Hidden-dimension block of the fused pre backward (N streams x cblock values on the stack).
-  static constexpr index_t cblock = 256;
 
   /// Tokens per parallel piece so that each piece touches at least ~32K elements.
   static index_t token_grain(index_t per_token) { return std::max<index_t>(1, 32768 / std::max<index_t>(1, per_token)); }
@@ -164,16 +160,31 @@ struct backend_traits<cpu> {
     const index_t K = N * s.hidden;
     be.parallel_for(s.tokens, token_grain(K * M), [&](index_t b, index_t e, int) {
       detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
-        for (index_t t = b; t < e; ++t) {
-          F gu[M];
-          const F gs = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu);
-          const T* x = R + t * K;
-          T* g = gR + t * K;
-          F pg[kblock];
-          for (index_t k0 = 0; k0 < K; k0 += kblock) {
-            const index_t w = std::min(kblock, K - k0);
-            detail::projection_input_grad<M>(be.isa(), gu, phi, K, k0, w, x + k0, gs, pg);
-            for (index_t l = 0; l < w; ++l) g[k0 + l] = st::store(st::load(g[k0 + l]) + pg[l]);
+        // A slab of tokens at a time: their coefficients, then each panel of phi packed once for
+        // all of them, its G-token kernel, and the gradient of those elements written.
+        constexpr int G = detail::input_grad_tokens, S = detail::backward_slab;
+        constexpr index_t W = detail::panel_width<M, F>(1);
+        detail::phi_panel<M, F, W> pn;
+        for (index_t t0 = b; t0 < e; t0 += S) {
+          const int nt = int(std::min<index_t>(S, e - t0));
+          F gu[S * M], gs[S];
+          for (int a = 0; a < nt; ++a)
+            gs[a] = scalar::projection_backward_coeffs<M>(gz + (t0 + a) * M, u + (t0 + a) * M, r[t0 + a], K, gu + a * M);
+          for (index_t k0 = 0; k0 < K; k0 += W) {
+            const index_t w = std::min(W, K - k0);
+            pn.load(be.isa(), phi, K, k0, w);
+            for (int a = 0; a < nt; a += G) {
+              const int ng = std::min(G, nt - a);
+              F pg[G][W];
+              F* pgs[G];
+              const T* xs[G];
+              for (int q = 0; q < ng; ++q) pgs[q] = pg[q], xs[q] = R + (t0 + a + q) * K + k0;
+              detail::projection_input_grad_tokens<M>(be.isa(), pn, ng, gu + a * M, xs, gs + a, pgs);
+              for (int q = 0; q < ng; ++q) {
+                T* g = gR + (t0 + a + q) * K + k0;
+                for (index_t l = 0; l < w; ++l) g[l] = st::store(st::load(g[l]) + pg[q][l]);
+              }
+            }
           }
         }
       });
@@ -349,48 +360,70 @@ struct backend_traits<cpu> {
     F* ga3 = gb + tokens * M;
     F* scratch = ga3 + tokens * 3;
     const index_t per_worker = sinkhorn_scratch_size(N, cfg.sinkhorn_iters);
+    // gR is written once, not read (unless in place): streaming stores when it is large.
+    with_row_writer(tokens * K * index_t(sizeof(T)), gR == gRout, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
     be.parallel_for(tokens, token_grain(K * M), [&](index_t b, index_t e, int w) {
       detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
-      for (index_t t = b; t < e; ++t) {
-        const T* x = R + t * K;
-        const T* gy = gy_in + t * C;
-        F gpre[N];
-        scalar::grad_pre<N>(x, gy, C, gpre);
-        gates_backward_token<N, Mapping>(u + t * M, r[t], alpha, bias, cfg, gpre, gpost + t * N, gcomb + t * N * N,
-                                         gz + t * M, gb + t * M, ga3 + t * 3, scratch + w * per_worker);
-        F gu[M];
-        const F gs = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu);
-        const F* cb = comb + t * N * N;
-        const F* pw = pre_w + t * N;
-        const T* go = gRout + t * K;
-        T* out = gR + t * K;
-        for (index_t c0 = 0; c0 < C; c0 += cblock) {
-          const index_t width = std::min(cblock, C - c0);
-          F pg[N][cblock];  // projection term of each stream over this block of c
-          for (int i = 0; i < N; ++i) {
-            const index_t k0 = index_t(i) * C + c0;
-            detail::projection_input_grad<M>(be.isa(), gu, phi, K, k0, width, x + k0, gs, pg[i]);
+        // A slab of tokens at a time (see projection_backward): first their gates backward and
+        // projection coefficients, then block by block of c the N panels of phi, packed once for the
+        // slab, and G tokens at a time the whole gradient of the block.
+        constexpr int G = detail::input_grad_tokens, S = detail::backward_slab;
+        constexpr index_t W = detail::panel_width<M, F>(N);
+        detail::phi_panel<M, F, W> pn[N];
+        for (index_t t0 = b; t0 < e; t0 += S) {
+          const int nt = int(std::min<index_t>(S, e - t0));
+          F gu[S * M], gs[S];
+          for (int a = 0; a < nt; ++a) {
+            const index_t t = t0 + a;
+            F gpre[N];
+            scalar::grad_pre<N>(R + t * K, gy_in + t * C, C, gpre);
+            gates_backward_token<N, Mapping>(u + t * M, r[t], alpha, bias, cfg, gpre, gpost + t * N, gcomb + t * N * N,
+                                             gz + t * M, gb + t * M, ga3 + t * 3, scratch + w * per_worker);
+            gs[a] = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu + a * M);
           }
-          // The block is computed into ob before any of it is written: in place (gR == gR') stays
-          // exact, and with no store to caller memory inside the loop it vectorises.
-          F ob[N][cblock];
-          for (index_t l = 0; l < width; ++l) {
-            const index_t c = c0 + l;
-            F g[N];
-            for (int o = 0; o < N; ++o) g[o] = st::load(go[index_t(o) * C + c]);
-            const F gyc = st::load(gy[c]);
-            for (int i = 0; i < N; ++i) {
-              F acc = cb[i * N] * g[0];
-              for (int o = 1; o < N; ++o) acc += cb[i * N + o] * g[o];
-              acc += pw[i] * gyc;
-              acc += pg[i][l];
-              ob[i][l] = acc;
+          for (index_t c0 = 0; c0 < C; c0 += W) {
+            const index_t width = std::min(W, C - c0);
+            for (int i = 0; i < N; ++i) pn[i].load(be.isa(), phi, K, index_t(i) * C + c0, width);
+            for (int a = 0; a < nt; a += G) {
+              const int ng = std::min(G, nt - a);
+              F pg[G][N][W];  // projection term of each token and stream over this block of c
+              for (int i = 0; i < N; ++i) {
+                F* pgs[G];
+                const T* xs[G];
+                for (int q = 0; q < ng; ++q) pgs[q] = pg[q][i], xs[q] = R + (t0 + a + q) * K + index_t(i) * C + c0;
+                detail::projection_input_grad_tokens<M>(be.isa(), pn[i], ng, gu + a * M, xs, gs + a, pgs);
+              }
+              for (int q = 0; q < ng; ++q) {
+                const index_t t = t0 + a + q;
+                const F* cb = comb + t * N * N;
+                const F* pw = pre_w + t * N;
+                const T* go = gRout + t * K;
+                const T* gy = gy_in + t * C;
+                // The block is computed into ob before any of it is written: in place (gR == gR')
+                // stays exact, and with no store to caller memory inside the loop it vectorises.
+                F ob[N][W];
+                for (index_t l = 0; l < width; ++l) {
+                  const index_t c = c0 + l;
+                  F g[N];
+                  for (int o = 0; o < N; ++o) g[o] = st::load(go[index_t(o) * C + c]);
+                  const F gyc = st::load(gy[c]);
+                  for (int i = 0; i < N; ++i) {
+                    F acc = cb[i * N] * g[0];
+                    for (int o = 1; o < N; ++o) acc += cb[i * N + o] * g[o];
+                    acc += pw[i] * gyc;
+                    acc += pg[q][i][l];
+                    ob[i][l] = acc;
+                  }
+                }
+                T* out = gR + t * K;
+                for (int i = 0; i < N; ++i) store.row(out + index_t(i) * C + c0, ob[i], width);
+              }
             }
           }
-          for (int i = 0; i < N; ++i) scalar::plain_store::row(out + index_t(i) * C + c0, ob[i], width);
         }
-      }
+        detail::stream_fence();
       });
+    });
     });
     reduce_alpha_bias<M>(tokens, gb, ga3, 3, galpha, gbias);
     accumulate_grad_phi<M>(be, tokens, K, R, gz, r, gphi);
@@ -476,10 +509,11 @@ struct backend_traits<cpu> {
         F gu[N];
         const F gs = scalar::projection_backward_coeffs<N>(gz + t * N, u + t * N, r[t], K, gu);
         T* out = gR + t * K;
-        F pg[kblock];
+        constexpr index_t W = 512;
+        F pg[W];
         for (int m = 0; m < N; ++m)
-          for (index_t c0 = 0; c0 < C; c0 += kblock) {
-            const index_t w = std::min(kblock, C - c0), k0 = index_t(m) * C + c0;
+          for (index_t c0 = 0; c0 < C; c0 += W) {
+            const index_t w = std::min(W, C - c0), k0 = index_t(m) * C + c0;
             detail::projection_input_grad<N>(be.isa(), gu, phi, K, k0, w, x + k0, gs, pg);
             for (index_t l = 0; l < w; ++l) {
               F acc = st::load(out[k0 + l]) + h[t * N + m] * st::load(go[c0 + l]);

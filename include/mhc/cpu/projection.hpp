@@ -311,5 +311,105 @@ inline void projection_input_grad(cpu_isa isa, const F* gu, const F* phi, index_
   projection_input_grad<M>(gu, phi, K, k0, w, x, gs, out);
 }
 
+/// Tokens projection_input_grad_tokens handles at once.
+inline constexpr int input_grad_tokens = 4;
+
+/// The rows of phi over one block of the hidden dimension, [k0, k0 + w), for the input gradient of
+/// several tokens. The AVX2 kernel reads them packed 16 elements by M rows at a time, contiguous: in
+/// place, the M rows lie K floats apart, a multiple of 4 KiB when C is a multiple of 256, so all of
+/// them map to the same L1 and L2 sets and the block cannot stay cached for the next tokens.
+template <int M, class F, index_t W>
+struct phi_panel {
+  static_assert(W % 16 == 0, "the kernel packs 16 elements at a time");
+  /// Widest block.
+  static constexpr index_t max_width = W;
+  const F* phi = nullptr;
+  index_t K = 0, k0 = 0, w = 0;
+  bool packed = false;
+  alignas(32) F v[W * M];
+
+  /// Takes phi[j][k0 .. k0 + w) for j < M (w <= W), packed where `isa`'s kernel reads it so.
+  void load(cpu_isa isa, const F* phi_, index_t K_, index_t k0_, index_t w_) {
+    phi = phi_, K = K_, k0 = k0_, w = w_;
+    packed = std::is_same_v<F, float> && isa == cpu_isa::avx2 && MHC_HAVE_AVX2_KERNELS;
+    if (!packed) return;
+    for (index_t l = 0; l + 16 <= w; l += 16)
+      for (int j = 0; j < M; ++j) {
+        const F* src = phi + index_t(j) * K + k0 + l;
+        F* dst = v + l * M + j * 16;
+        for (int i = 0; i < 16; ++i) dst[i] = src[i];
+      }
+  }
+};
+
+/// Panel width for nb panels of M rows held at once: at most 1024 elements and about 96 KiB.
+template <int M, class F>
+constexpr index_t panel_width(int nb) {
+  const index_t w = index_t(98304 / sizeof(F)) / (index_t(nb) * M) / 16 * 16;
+  return w < 16 ? 16 : (w > 1024 ? 1024 : w);
+}
+
+/// Tokens per slab of the backward input gradient: their coefficients are computed first, then each
+/// panel of phi is packed once and used for all of them.
+inline constexpr int backward_slab = 64;
+
+#if MHC_HAVE_AVX2_KERNELS
+/// projection_input_grad for four tokens at once with AVX2 (token a: gu + a*M, x[a], gs[a], out[a])
+/// over a packed panel: four tokens by 16 elements in registers through all M rows, so each load of
+/// phi feeds four tokens. The same order per element (from zero, j = 0..M-1, then (2 x) gs), so the
+/// same bits as the one-token kernels.
+template <int M, index_t W, class T>
+MHC_TARGET_AVX2 void projection_input_grad4_avx2(const phi_panel<M, float, W>& pn, const float* gu, const T* const* x,
+                                                 const float* gs, float* const* out) {
+  const index_t w = pn.w, full = w / 16 * 16;
+  const __m256 two = _mm256_set1_ps(2.0f);
+  for (index_t l = 0; l < full; l += 16) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
+    const float* p = pn.v + l * M;
+    for (int j = 0; j < M; ++j, p += 16) {
+      const __m256 p0 = _mm256_load_ps(p), p1 = _mm256_load_ps(p + 8);
+      __m256 g = _mm256_broadcast_ss(gu + j);
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(g, p0));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(g, p1));
+      g = _mm256_broadcast_ss(gu + M + j);
+      b0 = _mm256_add_ps(b0, _mm256_mul_ps(g, p0));
+      b1 = _mm256_add_ps(b1, _mm256_mul_ps(g, p1));
+      g = _mm256_broadcast_ss(gu + 2 * M + j);
+      c0 = _mm256_add_ps(c0, _mm256_mul_ps(g, p0));
+      c1 = _mm256_add_ps(c1, _mm256_mul_ps(g, p1));
+      g = _mm256_broadcast_ss(gu + 3 * M + j);
+      d0 = _mm256_add_ps(d0, _mm256_mul_ps(g, p0));
+      d1 = _mm256_add_ps(d1, _mm256_mul_ps(g, p1));
+    }
+    const __m256 acc[4][2] = {{a0, a1}, {b0, b1}, {c0, c1}, {d0, d1}};
+    for (int a = 0; a < 4; ++a) {
+      const __m256 g = _mm256_broadcast_ss(gs + a);
+      for (int v = 0; v < 2; ++v) {
+        const __m256 sx = _mm256_mul_ps(_mm256_mul_ps(two, load8_avx2(x[a] + l + 8 * v)), g);
+        _mm256_storeu_ps(out[a] + l + 8 * v, _mm256_add_ps(acc[a][v], sx));
+      }
+    }
+  }
+  if (full < w)
+    for (int a = 0; a < 4; ++a)
+      scalar::projection_input_grad<M>(gu + a * M, pn.phi, pn.K, pn.k0 + full, w - full, x[a] + full, gs[a],
+                                       out[a] + full);
+}
+#endif
+
+/// projection_input_grad over a panel for nt <= input_grad_tokens tokens with the kernels of `isa`
+/// (token a: coefficients gu + a*M, its input from element k0 at x[a], gs[a], out[a]): the same bits
+/// as one call per token.
+template <int M, index_t W, class T, class F>
+inline void projection_input_grad_tokens(cpu_isa isa, const phi_panel<M, F, W>& pn, int nt, const F* gu,
+                                         const T* const* x, const F* gs, F* const* out) {
+#if MHC_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<F, float>)
+    if (pn.packed && nt == input_grad_tokens) return projection_input_grad4_avx2<M, W>(pn, gu, x, gs, out);
+#endif
+  for (int a = 0; a < nt; ++a)
+    projection_input_grad<M>(isa, gu + a * M, pn.phi, pn.K, pn.k0, pn.w, x[a], gs[a], out[a]);
+}
+
 }  // namespace detail
 }  // namespace mhc
