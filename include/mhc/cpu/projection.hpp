@@ -321,8 +321,6 @@ inline constexpr int input_grad_tokens = 4;
 template <int M, class F, index_t W>
 struct phi_panel {
   static_assert(W % 16 == 0, "the kernel packs 16 elements at a time");
-  /// Widest block.
-  static constexpr index_t max_width = W;
   const F* phi = nullptr;
   index_t K = 0, k0 = 0, w = 0;
   bool packed = false;
