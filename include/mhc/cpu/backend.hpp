@@ -113,42 +113,11 @@ struct backend_traits<cpu> {
   template <int M, class T, class F>
   static void accumulate_grad_phi(const cpu& be, index_t tokens, index_t K, const T* R, const F* gz, const F* r,
                                   F* gphi) {
-    constexpr index_t B = 64;
+    constexpr index_t B = detail::grad_phi_block;
     const index_t blocks = (K + B - 1) / B;
     be.parallel_for(blocks, std::max<index_t>(1, 4096 / std::max<index_t>(1, tokens)), [&](index_t b0, index_t b1, int) {
-      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
-      for (index_t blk = b0; blk < b1; ++blk) {
-        const index_t k0 = blk * B, w = std::min(B, K - k0);
-        F acc[M][B];
-        for (int j = 0; j < M; ++j)
-          for (index_t l = 0; l < B; ++l) acc[j][l] = F(0);
-        index_t t = 0;
-        for (; t + 4 <= tokens; t += 4) {  // four tokens per pass over acc, added in token order
-          F xb[4][B], g[4][M];
-          for (int a = 0; a < 4; ++a) {
-            const T* x = R + (t + a) * K + k0;
-            for (index_t l = 0; l < w; ++l) xb[a][l] = storage_traits<T>::load(x[l]);
-            for (int j = 0; j < M; ++j) g[a][j] = gz[(t + a) * M + j] * r[t + a];
-          }
-          for (int j = 0; j < M; ++j) {
-            const F g0 = g[0][j], g1 = g[1][j], g2 = g[2][j], g3 = g[3][j];
-            for (index_t l = 0; l < w; ++l)
-              acc[j][l] = (((acc[j][l] + g0 * xb[0][l]) + g1 * xb[1][l]) + g2 * xb[2][l]) + g3 * xb[3][l];
-          }
-        }
-        for (; t < tokens; ++t) {
-          F xb[B];
-          const T* x = R + t * K + k0;
-          for (index_t l = 0; l < w; ++l) xb[l] = storage_traits<T>::load(x[l]);
-          for (int j = 0; j < M; ++j) {
-            const F g = gz[t * M + j] * r[t];
-            for (index_t l = 0; l < w; ++l) acc[j][l] += g * xb[l];
-          }
-        }
-        for (int j = 0; j < M; ++j)
-          for (index_t l = 0; l < w; ++l) gphi[index_t(j) * K + k0 + l] = acc[j][l];
-      }
-      });
+      for (index_t blk = b0; blk < b1; ++blk)
+        detail::accumulate_grad_phi_block<M>(be.isa(), tokens, K, R, gz, r, blk * B, std::min(B, K - blk * B), gphi);
     });
   }
 

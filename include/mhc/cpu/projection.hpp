@@ -409,5 +409,110 @@ inline void projection_input_grad_tokens(cpu_isa isa, const phi_panel<M, F, W>& 
     projection_input_grad<M>(isa, gu + a * M, pn.phi, pn.K, pn.k0, pn.w, x[a], gs[a], out[a]);
 }
 
+/// Columns of grad_phi accumulate_grad_phi_block handles at once.
+inline constexpr index_t grad_phi_block = 64;
+
+/// The generic loop of accumulate_grad_phi_block: four tokens per pass over the accumulators.
+template <int M, class T, class F>
+inline void accumulate_grad_phi_block(index_t tokens, index_t K, const T* R, const F* gz, const F* r, index_t k0,
+                                      index_t w, F* gphi) {
+  constexpr index_t B = grad_phi_block;
+  F acc[M][B];
+  for (int j = 0; j < M; ++j)
+    for (index_t l = 0; l < B; ++l) acc[j][l] = F(0);
+  index_t t = 0;
+  for (; t + 4 <= tokens; t += 4) {  // four tokens per pass over acc, added in token order
+    F xb[4][B], g[4][M];
+    for (int a = 0; a < 4; ++a) {
+      const T* x = R + (t + a) * K + k0;
+      for (index_t l = 0; l < w; ++l) xb[a][l] = storage_traits<T>::load(x[l]);
+      for (int j = 0; j < M; ++j) g[a][j] = gz[(t + a) * M + j] * r[t + a];
+    }
+    for (int j = 0; j < M; ++j) {
+      const F g0 = g[0][j], g1 = g[1][j], g2 = g[2][j], g3 = g[3][j];
+      for (index_t l = 0; l < w; ++l)
+        acc[j][l] = (((acc[j][l] + g0 * xb[0][l]) + g1 * xb[1][l]) + g2 * xb[2][l]) + g3 * xb[3][l];
+    }
+  }
+  for (; t < tokens; ++t) {
+    F xb[B];
+    const T* x = R + t * K + k0;
+    for (index_t l = 0; l < w; ++l) xb[l] = storage_traits<T>::load(x[l]);
+    for (int j = 0; j < M; ++j) {
+      const F g = gz[t * M + j] * r[t];
+      for (index_t l = 0; l < w; ++l) acc[j][l] += g * xb[l];
+    }
+  }
+  for (int j = 0; j < M; ++j)
+    for (index_t l = 0; l < w; ++l) gphi[index_t(j) * K + k0 + l] = acc[j][l];
+}
+
+#if MHC_HAVE_AVX2_KERNELS
+/// acc[r][0..16) (rows RW apart) += g[t*M + r] * xb[t][0..16) (tokens XW apart) for rows r < NR and
+/// tokens t < nt in order: 16 columns by NR rows of accumulators stay in registers through the tokens.
+template <int NR, int M, index_t XW, index_t RW>
+MHC_TARGET_AVX2 MHC_INLINE void grad_phi_tile_avx2(const float* g, const float* xb, int nt, float* acc) {
+  __m256 a[NR][2];
+  for (int q = 0; q < NR; ++q) a[q][0] = _mm256_load_ps(acc + q * RW), a[q][1] = _mm256_load_ps(acc + q * RW + 8);
+  for (int t = 0; t < nt; ++t, g += M, xb += XW) {
+    const __m256 x0 = _mm256_load_ps(xb), x1 = _mm256_load_ps(xb + 8);
+    for (int q = 0; q < NR; ++q) {
+      const __m256 gb = _mm256_broadcast_ss(g + q);
+      a[q][0] = _mm256_add_ps(a[q][0], _mm256_mul_ps(gb, x0));
+      a[q][1] = _mm256_add_ps(a[q][1], _mm256_mul_ps(gb, x1));
+    }
+  }
+  for (int q = 0; q < NR; ++q) _mm256_store_ps(acc + q * RW, a[q][0]), _mm256_store_ps(acc + q * RW + 8, a[q][1]);
+}
+
+/// accumulate_grad_phi_block with AVX2, the same bits (every element from zero, tokens added in order,
+/// g = gz * r then g * x then the sum). A tile of tokens at a time is converted to a buffer (in place,
+/// the rows of R lie a multiple of 4 KiB apart and share the L1 sets), then each 16 columns by 6 rows
+/// of accumulators go through the tile's tokens in registers: each load of x feeds 6 rows.
+template <int M, class T>
+MHC_TARGET_AVX2 void accumulate_grad_phi_block_avx2(index_t tokens, index_t K, const T* R, const float* gz,
+                                                    const float* r, index_t k0, index_t w, float* gphi) {
+  constexpr index_t B = grad_phi_block;
+  constexpr int TT = 64, NR = 6;
+  alignas(32) float acc[M][B];
+  alignas(32) float xb[TT][B];
+  float g[TT * M];
+  for (int j = 0; j < M; ++j)
+    for (index_t l = 0; l < B; ++l) acc[j][l] = 0.0f;
+  for (index_t t0 = 0; t0 < tokens; t0 += TT) {
+    const int nt = int(tokens - t0 < TT ? tokens - t0 : TT);
+    for (int a = 0; a < nt; ++a) {
+      const T* x = R + (t0 + a) * K + k0;
+      index_t l = 0;
+      if (w == B)
+        for (; l < B; l += 8) _mm256_store_ps(xb[a] + l, load8_avx2(x + l));
+      for (; l < w; ++l) xb[a][l] = storage_traits<T>::load(x[l]);
+      for (; l < B; ++l) xb[a][l] = 0.0f;  // padding columns, never stored
+      for (int j = 0; j < M; ++j) g[a * M + j] = gz[(t0 + a) * M + j] * r[t0 + a];
+    }
+    int j0 = 0;
+    for (; j0 + NR <= M; j0 += NR)
+      for (index_t l = 0; l < B; l += 16) grad_phi_tile_avx2<NR, M, B, B>(g + j0, xb[0] + l, nt, acc[j0] + l);
+    if constexpr (M % NR != 0)
+      for (index_t l = 0; l < B; l += 16) grad_phi_tile_avx2<M % NR, M, B, B>(g + j0, xb[0] + l, nt, acc[j0] + l);
+  }
+  for (int j = 0; j < M; ++j)
+    for (index_t l = 0; l < w; ++l) gphi[index_t(j) * K + k0 + l] = acc[j][l];
+}
+#endif
+
+/// grad_phi[j][k0 .. k0 + w) = sum_t (gz[t][j] * r[t]) x_t[k], tokens in order (w <= grad_phi_block),
+/// with the kernels of `isa` (the same bits for every isa).
+template <int M, class T, class F>
+inline void accumulate_grad_phi_block(cpu_isa isa, index_t tokens, index_t K, const T* R, const F* gz, const F* r,
+                                      index_t k0, index_t w, F* gphi) {
+#if MHC_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<F, float>)
+    if (isa == cpu_isa::avx2) return accumulate_grad_phi_block_avx2<M>(tokens, K, R, gz, r, k0, w, gphi);
+#endif
+  (void)isa;
+  accumulate_grad_phi_block<M>(tokens, K, R, gz, r, k0, w, gphi);
+}
+
 }  // namespace detail
 }  // namespace mhc
