@@ -57,7 +57,7 @@ void writer_matches_plain_store() {
     src.push_back(from_bits(x));
   // At least 16 (the NaN-free variant skips them) + the widest row (291) values: the writers read w of them.
   for (std::uint32_t i = 0; src.size() < 320; ++i) src.push_back(from_bits(i * 2654435761u));
-  for (int offset = 0; offset < 9; ++offset)
+  for (int offset = 0; offset < 17; ++offset)  // every alignment of a 32-byte store
     for (int w : {0, 1, 7, 8, 9, 31, 64, 291}) {
       std::vector<T> got(320, T(7.f)), want(320, T(7.f));
       for (bool with_nan : {false, true}) {
@@ -79,6 +79,14 @@ TEST(RowWriters, Bf16MatchPlainStore) {
 TEST(RowWriters, FloatMatchPlainStore) {
   writer_matches_plain_store<float, mhc::detail::simd_store<false>>();
   writer_matches_plain_store<float, mhc::detail::simd_store<true>>();
+}
+
+TEST(RowWriters, Avx2MatchPlainStore) {
+  if (!mhc::cpu_isa_supported(mhc::cpu_isa::avx2)) GTEST_SKIP() << "this processor or build has no AVX2 kernels";
+  writer_matches_plain_store<mhc::bf16, mhc::detail::simd_store<false, true>>();
+  writer_matches_plain_store<mhc::bf16, mhc::detail::simd_store<true, true>>();
+  writer_matches_plain_store<float, mhc::detail::simd_store<false, true>>();
+  writer_matches_plain_store<float, mhc::detail::simd_store<true, true>>();
 }
 
 }  // namespace

@@ -45,10 +45,18 @@ struct backend_traits<cpu> {
 
   /// Calls fn(store) with the row writer for an output of `bytes` bytes: streaming stores when the
   /// output is large and no input aliases it (in place, the lines are in the cache already), ordinary
-  /// stores otherwise.
+  /// stores otherwise; 32-byte stores where `be` runs the AVX2 kernels.
   template <class Fn>
-  static void with_row_writer(index_t bytes, bool in_place, Fn&& fn) {
-    if (!in_place && bytes >= detail::streaming_threshold_bytes)
+  static void with_row_writer(const cpu& be, index_t bytes, bool in_place, Fn&& fn) {
+    const bool stream = !in_place && bytes >= detail::streaming_threshold_bytes;
+#if MHC_HAVE_AVX2_KERNELS
+    if (be.isa() == cpu_isa::avx2) {
+      if (stream) return fn(detail::simd_store<true, true>{});
+      return fn(detail::simd_store<false, true>{});
+    }
+#endif
+    (void)be;
+    if (stream)
       fn(detail::simd_store<true>{});
     else
       fn(detail::simd_store<false>{});
@@ -255,7 +263,7 @@ struct backend_traits<cpu> {
   template <int N, class T, class F>
   static void pre_apply(const cpu& be, shape s, const F* pre, const T* R, T* y) {
     const index_t C = s.hidden;
-    with_row_writer(s.tokens * C * index_t(sizeof(T)), false, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
+    with_row_writer(be, s.tokens * C * index_t(sizeof(T)), false, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
       token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
         scalar::pre_apply<N, T, F, Store>(pre + t * N, R + t * N * C, C, y + t * C, c0, c1);
@@ -291,7 +299,7 @@ struct backend_traits<cpu> {
     const index_t C = s.hidden, K = N * C;
     const F eps_rms = static_cast<F>(cfg.eps_rms), eps_pre = static_cast<F>(cfg.eps_pre);
     const F post_mult = static_cast<F>(cfg.post_mult), eps_sk = static_cast<F>(cfg.eps_sinkhorn);
-    with_row_writer(s.tokens * C * index_t(sizeof(T)), false, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
+    with_row_writer(be, s.tokens * C * index_t(sizeof(T)), false, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
       be.parallel_for(s.tokens, token_grain(K * M), [&](index_t b, index_t e, int) {
         detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
@@ -330,7 +338,7 @@ struct backend_traits<cpu> {
     F* scratch = ga3 + tokens * 3;
     const index_t per_worker = sinkhorn_scratch_size(N, cfg.sinkhorn_iters);
     // gR is written once, not read (unless in place): streaming stores when it is large.
-    with_row_writer(tokens * K * index_t(sizeof(T)), gR == gRout, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
+    with_row_writer(be, tokens * K * index_t(sizeof(T)), gR == gRout, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
     be.parallel_for(tokens, token_grain(K * M), [&](index_t b, index_t e, int w) {
       detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
         // A slab of tokens at a time (see projection_backward): first their gates backward and
@@ -403,7 +411,7 @@ struct backend_traits<cpu> {
   template <int N, class T, class F>
   static void post(const cpu& be, shape s, const F* post_w, const F* comb, const T* y, const T* R, T* Rout) {
     const index_t C = s.hidden;
-    with_row_writer(s.tokens * N * C * index_t(sizeof(T)), Rout == R, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
+    with_row_writer(be, s.tokens * N * C * index_t(sizeof(T)), Rout == R, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
       token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
         scalar::post<N, T, F, Store>(post_w + t * N, comb + t * N * N, y + t * C, R + t * N * C, C, Rout + t * N * C,
