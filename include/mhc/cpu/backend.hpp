@@ -275,17 +275,32 @@ struct backend_traits<cpu> {
   static void pre_apply_backward(const cpu& be, shape s, const F* pre, const T* R, const T* gy, T* gR, F* gpre) {
     using st = storage_traits<T>;
     const index_t C = s.hidden;
-    be.parallel_for(s.tokens, token_grain(N * C), [&](index_t b, index_t e, int) {
-      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
-      for (index_t t = b; t < e; ++t) {
-        const T* x = R + t * N * C;
-        const T* g = gy + t * C;
-        scalar::grad_pre<N>(x, g, C, gpre + t * N);
-        T* out = gR + t * N * C;
-        for (int m = 0; m < N; ++m)
-          for (index_t c = 0; c < C; ++c)
-            out[index_t(m) * C + c] = st::store(st::load(out[index_t(m) * C + c]) + pre[t * N + m] * st::load(g[c]));
-      }
+    // gR is read and written (+=): ordinary stores, the row writer rounds to T.
+    with_row_writer(be, 0, true, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
+      using Store = decltype(store);
+      be.parallel_for(s.tokens, token_grain(N * C), [&](index_t b, index_t e, int) {
+        detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+          // One pass per token: each block's grad_pre lanes, then the block's gR, so all the
+          // token's streams are read together.
+          for (index_t t = b; t < e; ++t) {
+            const T* x = R + t * N * C;
+            const T* g = gy + t * C;
+            T* out = gR + t * N * C;
+            constexpr index_t B = scalar::backward_block;
+            F acc[N][scalar::projection_lanes], buf[B];
+            scalar::grad_pre_begin<N>(acc);
+            for (index_t c0 = 0; c0 < C; c0 += B) {
+              const index_t w = std::min(B, C - c0);
+              scalar::grad_pre_block<N>(x, g, C, c0, w, acc);
+              for (int m = 0; m < N; ++m) {
+                T* o = out + index_t(m) * C + c0;
+                for (index_t l = 0; l < w; ++l) buf[l] = st::load(o[l]) + pre[t * N + m] * st::load(g[c0 + l]);
+                Store::row(o, buf, w);
+              }
+            }
+            scalar::grad_pre_end<N>(acc, gpre + t * N);
+          }
+        });
       });
     });
   }
@@ -434,11 +449,16 @@ struct backend_traits<cpu> {
   static void post_backward(const cpu& be, shape s, const F* post_w, const F* comb, const T* y, const T* R,
                             const T* gRout, T* gR, T* gy, F* gpost, F* gcomb) {
     const index_t C = s.hidden;
-    be.parallel_for(s.tokens, token_grain(N * C), [&](index_t b, index_t e, int) {
-      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
-        for (index_t t = b; t < e; ++t)
-          scalar::post_backward<N>(post_w + t * N, comb + t * N * N, y + t * C, R + t * N * C, gRout + t * N * C, C,
-                                   gR ? gR + t * N * C : nullptr, gy + t * C, gpost + t * N, gcomb + t * N * N);
+    // gR is read and written (+=), gy is small next to the streams: ordinary stores.
+    with_row_writer(be, 0, true, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
+      using Store = decltype(store);
+      be.parallel_for(s.tokens, token_grain(N * C), [&](index_t b, index_t e, int) {
+        detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+          for (index_t t = b; t < e; ++t)
+            scalar::post_backward<N, T, F, Store>(post_w + t * N, comb + t * N * N, y + t * C, R + t * N * C,
+                                                  gRout + t * N * C, C, gR ? gR + t * N * C : nullptr, gy + t * C,
+                                                  gpost + t * N, gcomb + t * N * N);
+        });
       });
     });
   }

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "mhc/core/config.hpp"
 #include "mhc/core/dtype.hpp"
@@ -326,6 +327,17 @@ MHC_HOST_DEVICE MHC_INLINE void projection_input_grad(const F* gu, const F* phi,
 /// modulo 4 KiB with the stores) when C is a multiple of 1024.
 inline constexpr index_t backward_block = 256;
 
+/// Writes w compute-precision values to storage with ordinary stores, rounding each once. The mixing
+/// kernels take the row writer as a policy so a backend may write large outputs differently (for
+/// example with non-temporal stores) without touching the arithmetic.
+struct plain_store {
+  /// dst[l] = round(src[l]) for l < w.
+  template <class T, class F>
+  static MHC_HOST_DEVICE MHC_INLINE void row(T* dst, const F* src, index_t w) {
+    for (index_t l = 0; l < w; ++l) dst[l] = storage_traits<T>::store(src[l]);
+  }
+};
+
 /// dst[i][l] = src[i*C + c0 + l] in compute precision, for i < N and l < w.
 template <int N, class T, class F>
 MHC_HOST_DEVICE MHC_INLINE void load_streams(const T* src, index_t C, index_t c0, index_t w, F (*dst)[backward_block]) {
@@ -333,54 +345,92 @@ MHC_HOST_DEVICE MHC_INLINE void load_streams(const T* src, index_t C, index_t c0
     for (index_t l = 0; l < w; ++l) dst[i][l] = storage_traits<T>::load(src[index_t(i) * C + c0 + l]);
 }
 
+/// grad_pre in pieces, for a caller that does more per block: grad_pre_begin, then grad_pre_block
+/// for the blocks b0 = 0, backward_block, ... in order (w = min(backward_block, C - b0)), then
+/// grad_pre_end; the same bits as grad_pre (each lane sums its elements in order).
+template <int N, class F>
+MHC_HOST_DEVICE MHC_INLINE void grad_pre_begin(F (*acc)[projection_lanes]) {
+  for (int m = 0; m < N; ++m)
+    for (int l = 0; l < projection_lanes; ++l) acc[m][l] = F(0);
+}
+
+/// One block of grad_pre: acc[m][l] += gy[c] R[m][c] for c in [b0, b0 + w), lane l = (c - b0) % 8.
+template <int N, class T, class F>
+MHC_HOST_DEVICE MHC_INLINE void grad_pre_block(const T* R, const T* gy, index_t C, index_t b0, index_t w,
+                                               F (*acc)[projection_lanes]) {
+  constexpr int W = projection_lanes;
+  static_assert(backward_block % W == 0, "a block must keep the lane of each element");
+  F x[N][backward_block], g[1][backward_block];
+  load_streams<N>(R, C, b0, w, x);
+  load_streams<1>(gy, C, b0, w, g);
+  const index_t full = w / W * W;
+  for (int m = 0; m < N; ++m) {  // each lane still adds its elements in increasing c
+    F a[W];
+    for (int l = 0; l < W; ++l) a[l] = acc[m][l];
+    for (index_t c0 = 0; c0 < full; c0 += W)
+      for (int l = 0; l < W; ++l) a[l] += g[0][c0 + l] * x[m][c0 + l];
+    for (index_t c = full; c < w; ++c) a[c - full] += g[0][c] * x[m][c];
+    for (int l = 0; l < W; ++l) acc[m][l] = a[l];
+  }
+}
+
+/// gpre[m] from the lanes of grad_pre_block.
+template <int N, class F>
+MHC_HOST_DEVICE MHC_INLINE void grad_pre_end(F (*acc)[projection_lanes], F* gpre) {
+  for (int m = 0; m < N; ++m) gpre[m] = combine_lanes(acc[m]);
+}
+
 /// gpre[m] = sum_c gy[c] R[m][c] for one token (R: N streams of C values).
 template <int N, class T, class F>
 MHC_HOST_DEVICE MHC_INLINE void grad_pre(const T* R, const T* gy, index_t C, F* gpre) {
-  constexpr int W = projection_lanes;
-  static_assert(backward_block % W == 0, "a block must keep the lane of each element");
-  F acc[N][W];
-  for (int m = 0; m < N; ++m)
-    for (int l = 0; l < W; ++l) acc[m][l] = F(0);
-  for (index_t b0 = 0; b0 < C; b0 += backward_block) {
-    const index_t w = C - b0 < backward_block ? C - b0 : backward_block;
-    F x[N][backward_block], g[1][backward_block];
-    load_streams<N>(R, C, b0, w, x);
-    load_streams<1>(gy, C, b0, w, g);
-    const index_t full = w / W * W;
-    for (index_t c0 = 0; c0 < full; c0 += W)
-      for (int l = 0; l < W; ++l)
-        for (int m = 0; m < N; ++m) acc[m][l] += g[0][c0 + l] * x[m][c0 + l];
-    for (index_t c = full; c < w; ++c)
-      for (int m = 0; m < N; ++m) acc[m][c - full] += g[0][c] * x[m][c];
-  }
-  for (int m = 0; m < N; ++m) gpre[m] = combine_lanes(acc[m]);
+  F acc[N][projection_lanes];
+  grad_pre_begin<N>(acc);
+  for (index_t b0 = 0; b0 < C; b0 += backward_block)
+    grad_pre_block<N>(R, gy, C, b0, C - b0 < backward_block ? C - b0 : backward_block, acc);
+  grad_pre_end<N>(acc, gpre);
 }
 
 /// Backward of post for one token over its whole hidden dimension, given gR' (gRout):
 /// gy[c] = sum_o post_o gR'[o][c] (o in order, rounded once); gpost[o] = sum_c y[c] gR'[o][c];
 /// gcomb[i][o] = sum_c R[i][c] gR'[o][c]; and, when gR is not null,
 /// gR[i][c] += sum_o comb[i][o] gR'[o][c] (o in order from the first product, rounded once).
-template <int N, class T, class F>
+template <int N, class T, class F, class Store = plain_store>
 MHC_HOST_DEVICE MHC_INLINE void post_backward(const F* post_w, const F* comb, const T* y, const T* R, const T* gRout,
                                               index_t C, T* gR, T* gy, F* gpost, F* gcomb) {
-  using st = storage_traits<T>;
   constexpr int W = projection_lanes;
   F gp[N][W], gc[N * N][W];
   for (int l = 0; l < W; ++l) {
     for (int o = 0; o < N; ++o) gp[o][l] = F(0);
     for (int k = 0; k < N * N; ++k) gc[k][l] = F(0);
   }
-  // Only local memory is written inside the column loop (gy goes to a block buffer first), so the
-  // compiler can vectorise across lanes without proving that gy does not alias the inputs.
+  // Storage other than the compute type is converted a block at a time into local buffers first
+  // (then every value is converted once, not once per use). Only local memory is written inside the
+  // column loop (gy goes to a block buffer first), so the compiler can vectorise across lanes
+  // without proving that gy does not alias the inputs.
+  constexpr bool convert = !std::is_same_v<T, F>;
+  constexpr index_t BB = convert ? backward_block : 1;
   for (index_t b0 = 0; b0 < C; b0 += backward_block) {
     const index_t w = C - b0 < backward_block ? C - b0 : backward_block;
     F out[backward_block];
+    F gbuf[N][BB], xbuf[N][BB], ybuf[1][BB];
+    const F* gq[N];  // row o of gR' from b0, in compute precision
+    const F* xq[N];
+    const F* yq;
+    if constexpr (convert) {
+      load_streams<N>(gRout, C, b0, w, gbuf);
+      load_streams<N>(R, C, b0, w, xbuf);
+      load_streams<1>(y, C, b0, w, ybuf);
+      for (int i = 0; i < N; ++i) gq[i] = gbuf[i], xq[i] = xbuf[i];
+      yq = ybuf[0];
+    } else {
+      for (int i = 0; i < N; ++i) gq[i] = gRout + index_t(i) * C + b0, xq[i] = R + index_t(i) * C + b0;
+      yq = y + b0;
+    }
     auto column = [&](index_t l, int lane) MHC_ALWAYS_INLINE_LAMBDA {  // element b0 + l
-      const index_t c = b0 + l;
       F g[N], xr[N];
-      for (int o = 0; o < N; ++o) g[o] = st::load(gRout[index_t(o) * C + c]);
-      for (int i = 0; i < N; ++i) xr[i] = st::load(R[index_t(i) * C + c]);
-      const F yc = st::load(y[c]);
+      for (int o = 0; o < N; ++o) g[o] = gq[o][l];
+      for (int i = 0; i < N; ++i) xr[i] = xq[i][l];
+      const F yc = yq[l];
       F acc = post_w[0] * g[0];
       for (int o = 1; o < N; ++o) acc += post_w[o] * g[o];
       out[l] = acc;
@@ -392,16 +442,16 @@ MHC_HOST_DEVICE MHC_INLINE void post_backward(const F* post_w, const F* comb, co
     for (index_t c0 = 0; c0 < full; c0 += W)
       for (int l = 0; l < W; ++l) column(c0 + l, l);
     for (index_t l = full; l < w; ++l) column(l, int(l - full));
-    for (index_t l = 0; l < w; ++l) gy[b0 + l] = st::store(out[l]);
+    Store::row(gy + b0, out, w);
     if (gR)
       for (int i = 0; i < N; ++i) {
         T* gi = gR + index_t(i) * C + b0;
         for (index_t l = 0; l < w; ++l) {
-          const index_t c = b0 + l;
-          F a = comb[i * N] * st::load(gRout[c]);
-          for (int o = 1; o < N; ++o) a += comb[i * N + o] * st::load(gRout[index_t(o) * C + c]);
-          gi[l] = st::store(st::load(gi[l]) + a);
+          F a = comb[i * N] * gq[0][l];
+          for (int o = 1; o < N; ++o) a += comb[i * N + o] * gq[o][l];
+          out[l] = storage_traits<T>::load(gi[l]) + a;
         }
+        Store::row(gi, out, w);
       }
   }
   for (int o = 0; o < N; ++o) gpost[o] = combine_lanes(gp[o]);
@@ -527,17 +577,6 @@ MHC_HOST_DEVICE MHC_INLINE F head_gates_backward(const F* gh, const F* u, F r, F
 
 // ---------------------------------------------------------------------------------------------
 // Stream mixing (SPEC.md section 2 steps 6 and 8), over a range [c0, c1) of the hidden dimension.
-
-/// Writes w compute-precision values to storage with ordinary stores, rounding each once. The mixing
-/// kernels take the row writer as a policy so a backend may write large outputs differently (for
-/// example with non-temporal stores) without touching the arithmetic.
-struct plain_store {
-  /// dst[l] = round(src[l]) for l < w.
-  template <class T, class F>
-  static MHC_HOST_DEVICE MHC_INLINE void row(T* dst, const F* src, index_t w) {
-    for (index_t l = 0; l < w; ++l) dst[l] = storage_traits<T>::store(src[l]);
-  }
-};
 
 /// Hidden-dimension block of the mixing kernels: every stream's block of R is read before any output
 /// of the block is written, which keeps in-place post (Rout == R) exact and lets the c loops vectorise.
