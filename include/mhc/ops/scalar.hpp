@@ -360,16 +360,30 @@ MHC_HOST_DEVICE MHC_INLINE void grad_pre_block(const T* R, const T* gy, index_t 
                                                F (*acc)[projection_lanes]) {
   constexpr int W = projection_lanes;
   static_assert(backward_block % W == 0, "a block must keep the lane of each element");
-  F x[N][backward_block], g[1][backward_block];
-  load_streams<N>(R, C, b0, w, x);
-  load_streams<1>(gy, C, b0, w, g);
+  // Storage other than the compute type is converted to local buffers first; the compute type is
+  // read in place.
+  constexpr bool convert = !std::is_same_v<T, F>;
+  constexpr index_t BB = convert ? backward_block : 1;
+  F xbuf[N][BB], gbuf[1][BB];
+  const F* xq[N];
+  const F* g;
+  if constexpr (convert) {
+    load_streams<N>(R, C, b0, w, xbuf);
+    load_streams<1>(gy, C, b0, w, gbuf);
+    for (int m = 0; m < N; ++m) xq[m] = xbuf[m];
+    g = gbuf[0];
+  } else {
+    for (int m = 0; m < N; ++m) xq[m] = R + index_t(m) * C + b0;
+    g = gy + b0;
+  }
   const index_t full = w / W * W;
   for (int m = 0; m < N; ++m) {  // each lane still adds its elements in increasing c
+    const F* x = xq[m];
     F a[W];
     for (int l = 0; l < W; ++l) a[l] = acc[m][l];
     for (index_t c0 = 0; c0 < full; c0 += W)
-      for (int l = 0; l < W; ++l) a[l] += g[0][c0 + l] * x[m][c0 + l];
-    for (index_t c = full; c < w; ++c) a[c - full] += g[0][c] * x[m][c];
+      for (int l = 0; l < W; ++l) a[l] += g[c0 + l] * x[c0 + l];
+    for (index_t c = full; c < w; ++c) a[c - full] += g[c] * x[c];
     for (int l = 0; l < W; ++l) acc[m][l] = a[l];
   }
 }
