@@ -149,7 +149,7 @@ struct backend_traits<cpu> {
             gs[a] = scalar::projection_backward_coeffs<M>(gz + (t0 + a) * M, u + (t0 + a) * M, r[t0 + a], K, gu + a * M);
           for (index_t k0 = 0; k0 < K; k0 += W) {
             const index_t w = std::min(W, K - k0);
-            pn.load(be.isa(), phi, K, k0, w);
+            pn.load(be.isa(), phi, K, k0, w, nt);
             for (int a = 0; a < nt; a += G) {
               const int ng = std::min(G, nt - a);
               F pg[G][W];
@@ -375,7 +375,7 @@ struct backend_traits<cpu> {
           }
           for (index_t c0 = 0; c0 < C; c0 += W) {
             const index_t width = std::min(W, C - c0);
-            for (int i = 0; i < N; ++i) pn[i].load(be.isa(), phi, K, index_t(i) * C + c0, width);
+            for (int i = 0; i < N; ++i) pn[i].load(be.isa(), phi, K, index_t(i) * C + c0, width, nt);
             for (int a = 0; a < nt; a += G) {
               const int ng = std::min(G, nt - a);
               F pg[G][N][W];  // projection term of each token and stream over this block of c

@@ -326,10 +326,12 @@ struct phi_panel {
   bool packed = false;
   alignas(32) F v[W * M];
 
-  /// Takes phi[j][k0 .. k0 + w) for j < M (w <= W), packed where `isa`'s kernel reads it so.
-  void load(cpu_isa isa, const F* phi_, index_t K_, index_t k0_, index_t w_) {
+  /// Takes phi[j][k0 .. k0 + w) for j < M (w <= W), packed where `isa`'s kernel reads it so and
+  /// `tokens` (those that will use the panel) fill at least one group of the multi-token kernel (for
+  /// fewer, the one-token kernels read phi in place and packing would only copy it).
+  void load(cpu_isa isa, const F* phi_, index_t K_, index_t k0_, index_t w_, int tokens) {
     phi = phi_, K = K_, k0 = k0_, w = w_;
-    packed = std::is_same_v<F, float> && isa == cpu_isa::avx2 && MHC_HAVE_AVX2_KERNELS;
+    packed = std::is_same_v<F, float> && isa == cpu_isa::avx2 && MHC_HAVE_AVX2_KERNELS && tokens >= input_grad_tokens;
     if (!packed) return;
     for (index_t l = 0; l + 16 <= w; l += 16)
       for (int j = 0; j < M; ++j) {
