@@ -28,6 +28,20 @@ namespace detail {
 /// twice as many; with NonTemporal, the 16-byte aligned body of each row
 /// uses non-temporal stores (ordinary stores for the unaligned head and the tail; call stream_fence()
 /// before other threads read the output). Without SSE2 it is scalar::plain_store.
+/// The part of a row before its first 16-byte boundary, written with ordinary stores when the row
+/// writer streams (streaming stores need 16-byte alignment); returns where the vector body starts,
+/// or -1 when dst is not even aligned to its element and the whole row was written that way.
+template <bool NonTemporal, class T, class F>
+MHC_INLINE index_t row_head(T* dst, const F* src, index_t w) {
+  if (!NonTemporal) return 0;
+  const auto addr = reinterpret_cast<std::uintptr_t>(dst);
+  if (addr % sizeof(T) != 0) return scalar::plain_store::row(dst, src, w), index_t(-1);
+  index_t head = index_t((16 - addr % 16) % 16 / sizeof(T));
+  if (head > w) head = w;
+  scalar::plain_store::row(dst, src, head);
+  return head;
+}
+
 #if MHC_HAVE_AVX2_KERNELS
 /// Eight floats rounded to nearest even bf16 (the SSE2 writer's arithmetic, eight lanes), each
 /// sign-extended from the high half of its 32-bit lane; NaN lanes are marked in `nan`.
@@ -56,14 +70,8 @@ MHC_TARGET_AVX2 MHC_INLINE void store32_avx2(void* dst, __m256i v) {
 template <bool NonTemporal, class T>
 MHC_TARGET_AVX2 inline void store_row_avx2(T* dst, const float* src, index_t w) {
   constexpr index_t per_vec = 32 / index_t(sizeof(T));
-  index_t l = 0;
-  if (NonTemporal) {
-    const auto addr = reinterpret_cast<std::uintptr_t>(dst);
-    if (addr % sizeof(T) != 0) return scalar::plain_store::row(dst, src, w);
-    l = index_t((16 - addr % 16) % 16 / sizeof(T));
-    if (l > w) l = w;
-    scalar::plain_store::row(dst, src, l);
-  }
+  index_t l = row_head<NonTemporal>(dst, src, w);
+  if (l < 0) return;
   __m256 nan = _mm256_setzero_ps();
   for (; l + per_vec <= w; l += per_vec) {
     if constexpr (std::is_same_v<T, float>) {
@@ -95,15 +103,8 @@ struct simd_store {
 #if defined(__SSE2__)
     if constexpr (std::is_same_v<F, float> && (std::is_same_v<T, float> || std::is_same_v<T, bf16>)) {
       constexpr index_t per_vec = 16 / index_t(sizeof(T));
-      index_t head = 0;
-      if (NonTemporal) {
-        const auto addr = reinterpret_cast<std::uintptr_t>(dst);
-        if (addr % sizeof(T) != 0) return scalar::plain_store::row(dst, src, w);
-        head = index_t((16 - addr % 16) % 16 / sizeof(T));
-        if (head > w) head = w;
-        scalar::plain_store::row(dst, src, head);
-      }
-      index_t l = head;
+      index_t l = row_head<NonTemporal>(dst, src, w);
+      if (l < 0) return;
       __m128 nan = _mm_setzero_ps();  // lanes that saw a NaN: the vector rounding does not handle them
       for (; l + per_vec <= w; l += per_vec) store16(dst + l, src + l, nan);
       scalar::plain_store::row(dst + l, src + l, w - l);
