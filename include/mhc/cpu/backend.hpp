@@ -45,7 +45,8 @@ struct backend_traits<cpu> {
 
   /// Calls fn(store) with the row writer for an output of `bytes` bytes: streaming stores when the
   /// output is large and no input aliases it (in place, the lines are in the cache already), ordinary
-  /// stores otherwise; 32-byte stores where `be` runs the AVX2 kernels.
+  /// stores otherwise; the AVX2 writer (16 bf16 values or 8 floats per iteration) where `be` runs the
+  /// AVX2 kernels.
   template <class Fn>
   static void with_row_writer(const cpu& be, index_t bytes, bool in_place, Fn&& fn) {
     const bool stream = !in_place && bytes >= detail::streaming_threshold_bytes;

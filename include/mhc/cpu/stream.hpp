@@ -23,11 +23,6 @@
 namespace mhc {
 namespace detail {
 
-/// Row writer of the CPU backend: with SSE2, four floats (or eight bf16 values, rounded with integer
-/// vector operations) per store instruction, with Avx2 (only where the backend runs the AVX2 kernels)
-/// twice as many; with NonTemporal, the 16-byte aligned body of each row
-/// uses non-temporal stores (ordinary stores for the unaligned head and the tail; call stream_fence()
-/// before other threads read the output). Without SSE2 it is scalar::plain_store.
 /// The part of a row before its first 16-byte boundary, written with ordinary stores when the row
 /// writer streams (streaming stores need 16-byte alignment); returns where the vector body starts,
 /// or -1 when dst is not even aligned to its element and the whole row was written that way.
@@ -91,6 +86,11 @@ MHC_TARGET_AVX2 inline void store_row_avx2(T* dst, const float* src, index_t w) 
 }
 #endif
 
+/// Row writer of the CPU backend: with SSE2, four floats (or eight bf16 values, rounded with integer
+/// vector operations) per store instruction, with Avx2 (only where the backend runs the AVX2 kernels)
+/// twice as many per iteration (store_row_avx2); with NonTemporal, the 16-byte aligned body of each
+/// row uses non-temporal stores (ordinary stores for the unaligned head and the tail; call stream_fence()
+/// before other threads read the output). Without SSE2 it is scalar::plain_store.
 template <bool NonTemporal, bool Avx2 = false>
 struct simd_store {
   /// dst[l] = round(src[l]) for l < w.
