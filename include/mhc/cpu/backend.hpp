@@ -29,10 +29,11 @@ struct backend_traits<cpu> {
 
   /// Calls fn(t, c0, c1) over the T x C elements, split in contiguous ranges (also inside a token,
   /// so a single token's hidden dimension is shared by the threads).
-  template <class Fn>
+  /// With a row writer Store, the loop is compiled only for the writer's instruction set (with_isa).
+  template <class Store = void, class Fn>
   static void token_ranges(const cpu& be, index_t T, index_t C, Fn&& fn) {
     be.parallel_for(T * C, 16384, [&](index_t b, index_t e, int) {
-      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+      with_isa<Store>(be, [&]() MHC_ALWAYS_INLINE_LAMBDA {
         for (index_t i = b; i < e;) {
           const index_t t = i / C, c0 = i % C, c1 = std::min(C, c0 + (e - i));
           fn(t, c0, c1);
@@ -41,6 +42,25 @@ struct backend_traits<cpu> {
         detail::stream_fence();
       });
     });
+  }
+
+  /// Runs the always-inline lambda fn() with the kernels of be.isa(). Given the row writer Store that
+  /// with_row_writer picked for `be`, the body is compiled only for the writer's instruction set (the
+  /// AVX2 writer exactly when be runs the AVX2 kernels), not for both: one body per writer.
+  template <class Store = void, class Fn>
+  static MHC_INLINE void with_isa(const cpu& be, Fn&& fn) {
+    if constexpr (std::is_void_v<Store>) {
+      detail::with_isa(be.isa(), fn);
+    } else {
+      (void)be;
+#if MHC_HAVE_AVX2_KERNELS
+      if constexpr (Store::avx2) {
+        detail::run_avx2(fn);
+        return;
+      }
+#endif
+      if constexpr (!Store::avx2) fn();
+    }
   }
 
   /// Calls fn(store) with the row writer for an output of `bytes` bytes: streaming stores when the
@@ -266,7 +286,7 @@ struct backend_traits<cpu> {
     const index_t C = s.hidden;
     with_row_writer(be, s.tokens * C * index_t(sizeof(T)), false, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
-      token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
+      token_ranges<Store>(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
         scalar::pre_apply<N, T, F, Store>(pre + t * N, R + t * N * C, C, y + t * C, c0, c1);
       });
     });
@@ -280,7 +300,7 @@ struct backend_traits<cpu> {
     with_row_writer(be, 0, true, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
       be.parallel_for(s.tokens, token_grain(N * C), [&](index_t b, index_t e, int) {
-        detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+        with_isa<Store>(be, [&]() MHC_ALWAYS_INLINE_LAMBDA {
           // One pass per token: each block's grad_pre lanes, then the block's gR, so all the
           // token's streams are read together.
           for (index_t t = b; t < e; ++t) {
@@ -318,7 +338,7 @@ struct backend_traits<cpu> {
     with_row_writer(be, s.tokens * C * index_t(sizeof(T)), false, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
       be.parallel_for(s.tokens, token_grain(K * M), [&](index_t b, index_t e, int) {
-        detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+        with_isa<Store>(be, [&]() MHC_ALWAYS_INLINE_LAMBDA {
         projection_groups<M>(be, b, e, R, K, phi, eps_rms, u, r, [&](index_t t0, int nt) MHC_ALWAYS_INLINE_LAMBDA {
           for (index_t t = t0; t < t0 + nt; ++t) {
             F* cb = comb + t * N * N;
@@ -355,8 +375,9 @@ struct backend_traits<cpu> {
     const index_t per_worker = sinkhorn_scratch_size(N, cfg.sinkhorn_iters);
     // gR is written once, not read (unless in place): streaming stores when it is large.
     with_row_writer(be, tokens * K * index_t(sizeof(T)), gR == gRout, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
+    using Store = decltype(store);
     be.parallel_for(tokens, token_grain(K * M), [&](index_t b, index_t e, int w) {
-      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+      with_isa<Store>(be, [&]() MHC_ALWAYS_INLINE_LAMBDA {
         // A slab of tokens at a time (see projection_backward): first their gates backward and
         // projection coefficients, then block by block of c the N panels of phi, packed once for the
         // slab, and G tokens at a time the whole gradient of the block.
@@ -429,7 +450,7 @@ struct backend_traits<cpu> {
     const index_t C = s.hidden;
     with_row_writer(be, s.tokens * N * C * index_t(sizeof(T)), Rout == R, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
-      token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
+      token_ranges<Store>(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
         scalar::post<N, T, F, Store>(post_w + t * N, comb + t * N * N, y + t * C, R + t * N * C, C, Rout + t * N * C,
                                      c0, c1);
       });
@@ -454,7 +475,7 @@ struct backend_traits<cpu> {
     with_row_writer(be, 0, true, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
       be.parallel_for(s.tokens, token_grain(N * C), [&](index_t b, index_t e, int) {
-        detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
+        with_isa<Store>(be, [&]() MHC_ALWAYS_INLINE_LAMBDA {
           for (index_t t = b; t < e; ++t)
             scalar::post_backward<N, T, F, Store>(post_w + t * N, comb + t * N * N, y + t * C, R + t * N * C,
                                                   gRout + t * N * C, C, gR ? gR + t * N * C : nullptr, gy + t * C,

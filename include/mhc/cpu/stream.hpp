@@ -93,6 +93,10 @@ MHC_TARGET_AVX2 inline void store_row_avx2(T* dst, const float* src, index_t w) 
 /// before other threads read the output). Without SSE2 it is scalar::plain_store.
 template <bool NonTemporal, bool Avx2 = false>
 struct simd_store {
+  /// Whether row() uses the AVX2 writer: the code around it must then be compiled for AVX2
+  /// (backend_traits<cpu>::with_store_isa).
+  static constexpr bool avx2 = Avx2;
+
   /// dst[l] = round(src[l]) for l < w.
   template <class T, class F>
   static MHC_INLINE void row(T* dst, const F* src, index_t w) {
