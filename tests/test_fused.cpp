@@ -393,8 +393,9 @@ TYPED_TEST(Fused, ThreadCountDeterminismUnconstrained) {
 
 /// The baseline kernels on one thread and the AVX2 kernels on two give the same bits for every
 /// output and gradient of the fused pre, post and the layer backward (the AVX2 kernels keep every
-/// sum's order and contract nothing). Shapes cover the four-token groups with and without a partial
-/// group, the projection's 1024-element chunks with a tail, K not a multiple of 8, and C = 1.
+/// sum's order and contract nothing), with and without their AVX-512VL variants where the processor
+/// has them. Shapes cover the projection's eight-token blocks and four-token groups with and without
+/// a partial one, its 1024-element chunks with a tail, K not a multiple of 8, and C = 1.
 template <class T, class Mapping>
 void isa_determinism() {
   if (!mhc::cpu_isa_supported(mhc::cpu_isa::avx2)) GTEST_SKIP() << "this processor or build has no AVX2 kernels";
@@ -408,9 +409,15 @@ void isa_determinism() {
     for (const auto& sc : shapes) {
       SCOPED_TRACE(label(N, sc.tokens, sc.hidden, Mapping::name, cfg));
       const std::uint64_t seed = next_seed();
-      expect_same(run_with_threads<N, T, Mapping>(1, sc.tokens, sc.hidden, cfg, seed, mhc::cpu_isa::baseline),
-                  run_with_threads<N, T, Mapping>(2, sc.tokens, sc.hidden, cfg, seed, mhc::cpu_isa::avx2),
+      const auto baseline = run_with_threads<N, T, Mapping>(1, sc.tokens, sc.hidden, cfg, seed, mhc::cpu_isa::baseline);
+      expect_same(baseline, run_with_threads<N, T, Mapping>(2, sc.tokens, sc.hidden, cfg, seed, mhc::cpu_isa::avx2),
                   "baseline (1 thread) vs avx2 (2 threads)");
+      if (mhc::detail::avx512vl_supported()) {  // the plain AVX2 variants as well as the AVX-512VL ones
+        mhc::detail::avx512vl_allowed = false;
+        expect_same(baseline, run_with_threads<N, T, Mapping>(2, sc.tokens, sc.hidden, cfg, seed, mhc::cpu_isa::avx2),
+                    "baseline (1 thread) vs avx2 without AVX-512VL (2 threads)");
+        mhc::detail::avx512vl_allowed = true;
+      }
     }
   });
 }

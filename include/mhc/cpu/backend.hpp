@@ -110,12 +110,12 @@ struct backend_traits<cpu> {
 
   // --------------------------------------------------------------------------------- projection
 
-  /// The RMS-scaled projection (scalar::rms_projection's bits) of tokens [b, e) in groups of
-  /// detail::projection_tokens: writes u[t*M..] and r[t], then calls fn(t0, nt) for each group.
+  /// The RMS-scaled projection (scalar::rms_projection's bits) of tokens [b, e) in blocks of
+  /// detail::projection_block: writes u[t*M..] and r[t], then calls fn(t0, nt) for each block.
   template <int M, class T, class F, class Fn>
-  static MHC_INLINE void projection_groups(const cpu& be, index_t b, index_t e, const T* R, index_t K, const F* phi, F eps_rms,
-                                F* u, F* r, Fn&& fn) {
-    constexpr int TB = detail::projection_tokens;
+  static MHC_INLINE void projection_groups(const cpu& be, index_t b, index_t e, const T* R, index_t K,
+                                           const F* phi, F eps_rms, F* u, F* r, Fn&& fn) {
+    constexpr int TB = detail::projection_block;
     for (index_t t0 = b; t0 < e; t0 += TB) {
       const int nt = static_cast<int>(std::min<index_t>(TB, e - t0));
       const T* x[TB];

@@ -12,6 +12,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
 #include <string>
 
 #include "mhc/core/error.hpp"
@@ -23,6 +24,14 @@
 /// Compiles one function for AVX2 (without FMA, so no contraction changes a result).
 #define MHC_TARGET_AVX2 __attribute__((target("avx2")))
 #include <immintrin.h>
+/// Keeps a loaded vector in its register: a value used by several products would otherwise be
+/// reloaded by each (GCC folds the load into every multiply), and the loads, not the arithmetic,
+/// then bound the kernel.
+#define MHC_KEEP_IN_REGISTER(v) __asm__("" : "+v"(v))
+/// Compiles one function for AVX2 with the 32 vector registers of AVX-512VL, still on 256-bit
+/// vectors (the same lanes as the AVX2 kernels). AVX-512 carries fused multiply-adds: such kernels
+/// keep every product opaque (MHC_KEEP_IN_REGISTER) so no contraction can change a result.
+#define MHC_TARGET_AVX512VL __attribute__((target("avx2,avx512f,avx512vl")))
 #else
 #define MHC_HAVE_AVX2_KERNELS 0
 #endif
@@ -51,6 +60,30 @@ inline bool cpu_isa_supported(cpu_isa isa) noexcept {
   return false;
 #endif
 }
+
+namespace detail {
+/// Whether this build and processor can run the AVX-512VL variants of the AVX2 kernels.
+inline bool avx512vl_supported() noexcept {
+#if MHC_HAVE_AVX2_KERNELS
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+/// Whether the AVX2 kernels may use their AVX-512VL variants (same bits, more registers) where the
+/// processor has them. Tests clear it to run the plain AVX2 variants too.
+inline std::atomic<bool> avx512vl_allowed{true};
+
+/// Whether the AVX2 kernels use their AVX-512VL variants now.
+inline bool avx512vl_kernels() noexcept {
+  return avx512vl_supported() && avx512vl_allowed.load(std::memory_order_relaxed);
+}
+}  // namespace detail
 
 /// The instruction set a new mhc::cpu backend uses: the environment variable MHC_CPU_ISA when it is
 /// set ("baseline" or "avx2"), otherwise the widest one cpu_isa_supported() accepts. Throws mhc::error

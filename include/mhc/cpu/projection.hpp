@@ -21,8 +21,11 @@
 namespace mhc {
 namespace detail {
 
-/// Tokens project_tokens handles at once.
+/// Tokens the projection kernels multiply at once.
 inline constexpr int projection_tokens = 4;
+
+/// Tokens project_tokens takes at once (groups of projection_tokens that share each chunk of phi).
+inline constexpr int projection_block = 8;
 
 /// c<token><row> += lanes of p<row>[i] * x<token>[i] over the w elements of a chunk: two tokens by two
 /// rows of phi, so every load feeds two products. Same per-lane order as scalar::project_row.
@@ -109,12 +112,16 @@ MHC_TARGET_AVX2 inline void project_4x2_avx2(const float* p0, const float* p1, c
   const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
   for (index_t i = 0; i < w; i += 8) {
     const __m256 p = _mm256_loadu_ps(p0 + i), q = _mm256_loadu_ps(p1 + i);
-    const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
+    __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
+    MHC_KEEP_IN_REGISTER(v0);
+    MHC_KEEP_IN_REGISTER(v1);
     a0 = _mm256_add_ps(a0, _mm256_mul_ps(p, v0));
     b0 = _mm256_add_ps(b0, _mm256_mul_ps(q, v0));
     a1 = _mm256_add_ps(a1, _mm256_mul_ps(p, v1));
     b1 = _mm256_add_ps(b1, _mm256_mul_ps(q, v1));
-    const __m256 v2 = _mm256_loadu_ps(x2 + i), v3 = _mm256_loadu_ps(x3 + i);
+    __m256 v2 = _mm256_loadu_ps(x2 + i), v3 = _mm256_loadu_ps(x3 + i);
+    MHC_KEEP_IN_REGISTER(v2);
+    MHC_KEEP_IN_REGISTER(v3);
     a2 = _mm256_add_ps(a2, _mm256_mul_ps(p, v2));
     b2 = _mm256_add_ps(b2, _mm256_mul_ps(q, v2));
     a3 = _mm256_add_ps(a3, _mm256_mul_ps(p, v3));
@@ -122,6 +129,37 @@ MHC_TARGET_AVX2 inline void project_4x2_avx2(const float* p0, const float* p1, c
   }
   _mm256_storeu_ps(c0[0], a0), _mm256_storeu_ps(c0[1], a1), _mm256_storeu_ps(c0[2], a2), _mm256_storeu_ps(c0[3], a3);
   _mm256_storeu_ps(c1[0], b0), _mm256_storeu_ps(c1[1], b1), _mm256_storeu_ps(c1[2], b2), _mm256_storeu_ps(c1[3], b3);
+}
+
+/// project_4x2_avx2 for four rows p[0..3] (c[r][a] for row r, token a) with AVX-512VL's 32
+/// registers: 16 accumulators, four rows and a token's chunk stay in registers, so each load feeds
+/// four products. The same 256-bit products and sums in the same order: the same bits.
+MHC_TARGET_AVX512VL inline void project_4x4_avx512vl(const float* const* p, const float* const* x, index_t w,
+                                                     float* const (*c)[4]) {
+  __m256 a[4][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t) a[r][t] = _mm256_loadu_ps(c[r][t]);
+  const float *p0 = p[0], *p1 = p[1], *p2 = p[2], *p3 = p[3], *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  for (index_t i = 0; i < w; i += 8) {
+    __m256 q[4] = {_mm256_loadu_ps(p0 + i), _mm256_loadu_ps(p1 + i), _mm256_loadu_ps(p2 + i), _mm256_loadu_ps(p3 + i)};
+    __m256 v[4] = {_mm256_loadu_ps(x0 + i), _mm256_loadu_ps(x1 + i), _mm256_loadu_ps(x2 + i), _mm256_loadu_ps(x3 + i)};
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t) MHC_KEEP_IN_REGISTER(v[t]);
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t)
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        __m256 m = _mm256_mul_ps(q[r], v[t]);
+        MHC_KEEP_IN_REGISTER(m);  // a product, then a sum: never one fused multiply-add
+        a[r][t] = _mm256_add_ps(a[r][t], m);
+      }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t) _mm256_storeu_ps(c[r][t], a[r][t]);
 }
 
 /// Eight values of x as floats: fp32 as they are, bf16 widened exactly (the 16 bits moved to the top).
@@ -153,19 +191,52 @@ MHC_TARGET_AVX2 MHC_INLINE void load_chunk_avx2(const T* x, index_t w, float* xb
   }
 }
 
-/// project_tokens with the AVX2 kernel (fp32 compute): the same bits. Each token's chunk is copied
-/// to a padded buffer (the rows of R and phi lie a multiple of 4 KiB apart and would share L1 sets),
-/// and while a chunk is multiplied the next one (of these tokens, or with `more` of the next
-/// projection_tokens tokens, which follow in memory) is prefetched.
+/// load_chunk_avx2 for four tokens (x[a] + k0 into xb[a], squares into sq[a]) in one loop: each
+/// token's sum of squares is one chain of dependent additions, and four of them run side by side.
+template <class T>
+MHC_TARGET_AVX2 MHC_INLINE void load_chunks4_avx2(const T* const* x, index_t k0, index_t w, float (*xb)[scalar::projection_chunk + 16],
+                                                 float (*sq)[scalar::projection_lanes]) {
+  const index_t full = w / 8 * 8;
+  const T *x0 = x[0] + k0, *x1 = x[1] + k0, *x2 = x[2] + k0, *x3 = x[3] + k0;
+  __m256 s0 = _mm256_loadu_ps(sq[0]), s1 = _mm256_loadu_ps(sq[1]), s2 = _mm256_loadu_ps(sq[2]);
+  __m256 s3 = _mm256_loadu_ps(sq[3]);
+  for (index_t i = 0; i < full; i += 8) {
+    __m256 v0 = load8_avx2(x0 + i), v1 = load8_avx2(x1 + i), v2 = load8_avx2(x2 + i), v3 = load8_avx2(x3 + i);
+    // Opaque to the optimiser: for fp32, GCC would split the loop into four memcpy calls (rep movsq)
+    // and a second pass for the squares.
+    MHC_KEEP_IN_REGISTER(v0);
+    MHC_KEEP_IN_REGISTER(v1);
+    MHC_KEEP_IN_REGISTER(v2);
+    MHC_KEEP_IN_REGISTER(v3);
+    _mm256_storeu_ps(xb[0] + i, v0), _mm256_storeu_ps(xb[1] + i, v1);
+    _mm256_storeu_ps(xb[2] + i, v2), _mm256_storeu_ps(xb[3] + i, v3);
+    s0 = _mm256_add_ps(s0, _mm256_mul_ps(v0, v0)), s1 = _mm256_add_ps(s1, _mm256_mul_ps(v1, v1));
+    s2 = _mm256_add_ps(s2, _mm256_mul_ps(v2, v2)), s3 = _mm256_add_ps(s3, _mm256_mul_ps(v3, v3));
+  }
+  _mm256_storeu_ps(sq[0], s0), _mm256_storeu_ps(sq[1], s1), _mm256_storeu_ps(sq[2], s2), _mm256_storeu_ps(sq[3], s3);
+  for (int a = 0; a < 4; ++a)
+    for (index_t i = full; i < w; ++i) {
+      xb[a][i] = storage_traits<T>::load(x[a][k0 + i]);
+      sq[a][i - full] += xb[a][i] * xb[a][i];
+    }
+}
+
+/// project_tokens with the AVX2 kernel (fp32 compute) for nt <= projection_block tokens: the same
+/// bits. Chunk by chunk of the elements, four tokens at a time: each token's chunk is copied to a
+/// padded buffer (the rows of R and phi lie a multiple of 4 KiB apart and would share L1 sets), then
+/// multiplied by the chunk of every row of phi, which stays in L2 for the block's next four tokens
+/// (phi is read from L3 once per block, not once per four tokens). While a chunk is multiplied the
+/// next one to copy (of the next four tokens, the next chunk, or with `more` the next block's
+/// tokens, which follow these in memory) is prefetched.
 template <int M, class T>
-MHC_TARGET_AVX2 void project_tokens_avx2(const T* const* x, int nt, index_t K, const float* phi, float* u, float* s,
-                                         bool more) {
-  constexpr int W = scalar::projection_lanes, TB = projection_tokens;
+MHC_TARGET_AVX2 void project_tokens_avx2(const T* const* x, int nt, index_t K, const float* phi, float* u,
+                                         float* s, bool more) {
+  constexpr int W = scalar::projection_lanes, TB = projection_tokens, NB = projection_block;
   constexpr index_t chunk = scalar::projection_chunk, pad = 16;
   static_assert(W == 8 && TB == 4, "the kernel holds eight lanes of four tokens");
-  alignas(32) float acc[TB][M][W];
-  alignas(32) float sq[TB][W];
-  for (int a = 0; a < TB; ++a)
+  alignas(32) float acc[NB][M][W];
+  alignas(32) float sq[NB][W];
+  for (int a = 0; a < NB; ++a)
     for (int l = 0; l < W; ++l) {
       sq[a][l] = 0.0f;
       for (int j = 0; j < M; ++j) acc[a][j][l] = 0.0f;
@@ -173,34 +244,69 @@ MHC_TARGET_AVX2 void project_tokens_avx2(const T* const* x, int nt, index_t K, c
   alignas(32) float xb[TB][chunk + pad];
   const float* xs[TB] = {xb[0], xb[1], xb[2], xb[3]};
   constexpr int pairs = M / 2 > 0 ? M / 2 : 1;
+  const bool wide = avx512vl_kernels();
   for (index_t k0 = 0; k0 < K; k0 += chunk) {
     const index_t w = K - k0 < chunk ? K - k0 : chunk, full = w / 8 * 8;
-    for (int a = 0; a < nt; ++a) load_chunk_avx2(x[a] + k0, w, xb[a], sq[a]);
-    // The next chunk to prefetch, a few lines before each row pair.
-    const index_t kn = k0 + chunk < K ? k0 + chunk : (more ? index_t(TB) * K : K);
-    const index_t nw = k0 + chunk < K ? (K - kn < chunk ? K - kn : chunk) : (more ? (K < chunk ? K : chunk) : 0);
-    const index_t lines = (nw * index_t(sizeof(T)) + 63) / 64, per = (lines + pairs - 1) / pairs;
-    if (nt == TB) {
-      int j = 0;
-      for (; j + 2 <= M; j += 2) {
-        const index_t l0 = index_t(j / 2) * per, l1 = l0 + per < lines ? l0 + per : lines;
-        for (int a = 0; a < TB; ++a)
-          for (index_t l = l0; l < l1; ++l)
-            _mm_prefetch(reinterpret_cast<const char*>(x[a] + kn) + l * 64, _MM_HINT_NTA);
-        const float* p = phi + index_t(j) * K + k0;
-        float* c0[TB] = {acc[0][j], acc[1][j], acc[2][j], acc[3][j]};
-        float* c1[TB] = {acc[0][j + 1], acc[1][j + 1], acc[2][j + 1], acc[3][j + 1]};
-        project_4x2_avx2(p, p + K, xs, full, c0, c1);
-        for (int a = 0; a < TB && full < w; ++a) {  // the tail continues the same lanes
-          scalar::project_row(p + full, xb[a] + full, w - full, acc[a][j]);
-          scalar::project_row(p + K + full, xb[a] + full, w - full, acc[a][j + 1]);
-        }
+    for (int g = 0; g < nt; g += TB) {
+      const int ng = nt - g < TB ? nt - g : TB;
+      const T* const* xg = x + g;
+      float(*ag)[M][W] = acc + g;
+      if (ng == TB)
+        load_chunks4_avx2(xg, k0, w, xb, sq + g);
+      else
+        for (int a = 0; a < ng; ++a) load_chunk_avx2(xg[a] + k0, w, xb[a], sq[g + a]);
+      // What to prefetch, a few lines before each row pair: the chunk the next copy reads.
+      const T* next[TB] = {};
+      index_t nw = 0;
+      if (g + TB < nt) {
+        const int nn = nt - g - TB < TB ? nt - g - TB : TB;
+        for (int a = 0; a < nn; ++a) next[a] = x[g + TB + a] + k0;
+        nw = w;
+      } else if (k0 + chunk < K) {
+        for (int a = 0; a < TB && a < nt; ++a) next[a] = x[a] + k0 + chunk;
+        nw = K - k0 - chunk < chunk ? K - k0 - chunk : chunk;
+      } else if (more) {  // the next block: token a at x[a] + nt * K
+        for (int a = 0; a < TB && a < nt; ++a) next[a] = x[a] + index_t(nt) * K;
+        nw = K < chunk ? K : chunk;
       }
-      for (; j < M; ++j)
-        for (int a = 0; a < TB; ++a) scalar::project_row(phi + index_t(j) * K + k0, xb[a], w, acc[a][j]);
-    } else {
-      for (int a = 0; a < nt; ++a)
-        for (int j = 0; j < M; ++j) scalar::project_row(phi + index_t(j) * K + k0, xb[a], w, acc[a][j]);
+      const index_t lines = (nw * index_t(sizeof(T)) + 63) / 64, per = (lines + pairs - 1) / pairs;
+      auto prefetch = [&](int j, int rows) MHC_ALWAYS_INLINE_LAMBDA {
+        const index_t l0 = index_t(j / 2) * per, e = l0 + index_t(rows / 2) * per, l1 = e < lines ? e : lines;
+        for (int a = 0; a < TB; ++a)
+          if (next[a] != nullptr)
+            for (index_t l = l0; l < l1; ++l) _mm_prefetch(reinterpret_cast<const char*>(next[a]) + l * 64, _MM_HINT_NTA);
+      };
+      if (ng == TB) {
+        int j = 0;
+        for (; wide && j + 4 <= M; j += 4) {
+          prefetch(j, 4);
+          const float* p[4] = {phi + index_t(j) * K + k0, phi + index_t(j + 1) * K + k0,
+                               phi + index_t(j + 2) * K + k0, phi + index_t(j + 3) * K + k0};
+          float* const c[4][4] = {{ag[0][j], ag[1][j], ag[2][j], ag[3][j]},
+                                  {ag[0][j + 1], ag[1][j + 1], ag[2][j + 1], ag[3][j + 1]},
+                                  {ag[0][j + 2], ag[1][j + 2], ag[2][j + 2], ag[3][j + 2]},
+                                  {ag[0][j + 3], ag[1][j + 3], ag[2][j + 3], ag[3][j + 3]}};
+          project_4x4_avx512vl(p, xs, full, c);
+          for (int a = 0; a < TB && full < w; ++a)  // the tail continues the same lanes
+            for (int r = 0; r < 4; ++r) scalar::project_row(p[r] + full, xb[a] + full, w - full, ag[a][j + r]);
+        }
+        for (; j + 2 <= M; j += 2) {
+          prefetch(j, 2);
+          const float *p = phi + index_t(j) * K + k0, *q = phi + index_t(j + 1) * K + k0;
+          float* c0[TB] = {ag[0][j], ag[1][j], ag[2][j], ag[3][j]};
+          float* c1[TB] = {ag[0][j + 1], ag[1][j + 1], ag[2][j + 1], ag[3][j + 1]};
+          project_4x2_avx2(p, q, xs, full, c0, c1);
+          for (int a = 0; a < TB && full < w; ++a) {  // the tail continues the same lanes
+            scalar::project_row(p + full, xb[a] + full, w - full, ag[a][j]);
+            scalar::project_row(q + full, xb[a] + full, w - full, ag[a][j + 1]);
+          }
+        }
+        for (; j < M; ++j)
+          for (int a = 0; a < TB; ++a) scalar::project_row(phi + index_t(j) * K + k0, xb[a], w, ag[a][j]);
+      } else {
+        for (int a = 0; a < ng; ++a)
+          for (int j = 0; j < M; ++j) scalar::project_row(phi + index_t(j) * K + k0, xb[a], w, ag[a][j]);
+      }
     }
   }
   for (int a = 0; a < nt; ++a) {
@@ -210,16 +316,19 @@ MHC_TARGET_AVX2 void project_tokens_avx2(const T* const* x, int nt, index_t K, c
 }
 #endif
 
-/// project_tokens with the kernels of `isa` (the same bits for every isa). `more`: the next
-/// projection_tokens tokens follow these in memory (a prefetch hint).
+/// project_tokens for nt <= projection_block tokens with the kernels of `isa` (the same bits for
+/// every isa). `more`: nt == projection_block and the next projection_block tokens follow these in
+/// memory (a prefetch hint).
 template <int M, class T, class F>
-inline void project_tokens(cpu_isa isa, const T* const* x, int nt, index_t K, const F* phi, F* u, F* s, bool more) {
+inline void project_tokens(cpu_isa isa, const T* const* x, int nt, index_t K, const F* phi, F* u, F* s,
+                           bool more) {
 #if MHC_HAVE_AVX2_KERNELS
   if constexpr (std::is_same_v<F, float>)
     if (isa == cpu_isa::avx2) return project_tokens_avx2<M>(x, nt, K, phi, u, s, more);
 #endif
   (void)isa, (void)more;
-  project_tokens<M>(x, nt, K, phi, u, s);
+  for (int g = 0; g < nt; g += projection_tokens)
+    project_tokens<M>(x + g, nt - g < projection_tokens ? nt - g : projection_tokens, K, phi, u + g * M, s + g);
 }
 
 /// scalar::projection_input_grad in the same order (from zero, j = 0..M-1, then 2 x gs; the same bits)
