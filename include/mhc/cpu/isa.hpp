@@ -41,7 +41,8 @@ namespace mhc {
 /// Vector instruction sets the CPU backend's kernels run with. Every choice computes the same bits.
 enum class cpu_isa {
   baseline,  ///< the compiler's target for the including program (SSE2 on x86-64 by default)
-  avx2,      ///< 256-bit AVX2 kernels (x86-64 with GCC or Clang, processor with AVX2)
+  avx2,      ///< 256-bit AVX2 kernels (x86-64 with GCC or Clang, processor with AVX2); where the
+             ///< processor also has AVX-512VL, some use its 32 registers (the same 256-bit lanes)
 };
 
 /// Name of an instruction set as MHC_CPU_ISA spells it: "baseline" or "avx2".
