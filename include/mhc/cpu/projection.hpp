@@ -194,7 +194,8 @@ MHC_TARGET_AVX2 MHC_INLINE void load_chunk_avx2(const T* x, index_t w, float* xb
 /// load_chunk_avx2 for four tokens (x[a] + k0 into xb[a], squares into sq[a]) in one loop: each
 /// token's sum of squares is one chain of dependent additions, and four of them run side by side.
 template <class T>
-MHC_TARGET_AVX2 MHC_INLINE void load_chunks4_avx2(const T* const* x, index_t k0, index_t w, float (*xb)[scalar::projection_chunk + 16],
+MHC_TARGET_AVX2 MHC_INLINE void load_chunks4_avx2(const T* const* x, index_t k0, index_t w,
+                                                 float (*xb)[scalar::projection_chunk + 16],
                                                  float (*sq)[scalar::projection_lanes]) {
   const index_t full = w / 8 * 8;
   const T *x0 = x[0] + k0, *x1 = x[1] + k0, *x2 = x[2] + k0, *x3 = x[3] + k0;
@@ -274,7 +275,8 @@ MHC_TARGET_AVX2 void project_tokens_avx2(const T* const* x, int nt, index_t K, c
         const index_t l0 = index_t(j / 2) * per, e = l0 + index_t(rows / 2) * per, l1 = e < lines ? e : lines;
         for (int a = 0; a < TB; ++a)
           if (next[a] != nullptr)
-            for (index_t l = l0; l < l1; ++l) _mm_prefetch(reinterpret_cast<const char*>(next[a]) + l * 64, _MM_HINT_NTA);
+            for (index_t l = l0; l < l1; ++l)
+              _mm_prefetch(reinterpret_cast<const char*>(next[a]) + l * 64, _MM_HINT_NTA);
       };
       if (ng == TB) {
         int j = 0;
