@@ -430,7 +430,7 @@ struct backend_traits<cpu> {
                   }
                 }
                 T* out = gR + t * K;
-                for (int i = 0; i < N; ++i) store.row(out + index_t(i) * C + c0, ob[i], width);
+                for (int i = 0; i < N; ++i) Store::row(out + index_t(i) * C + c0, ob[i], width);
               }
             }
           }

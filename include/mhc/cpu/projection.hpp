@@ -191,11 +191,15 @@ MHC_TARGET_AVX2 MHC_INLINE void load_chunk_avx2(const T* x, index_t w, float* xb
   }
 }
 
+/// Floats past the end of each token's chunk in project_tokens_avx2's copy buffer: the buffers of
+/// consecutive tokens then do not lie a multiple of 4 KiB apart.
+inline constexpr index_t chunk_buffer_pad = 16;
+
 /// load_chunk_avx2 for four tokens (x[a] + k0 into xb[a], squares into sq[a]) in one loop: each
 /// token's sum of squares is one chain of dependent additions, and four of them run side by side.
 template <class T>
 MHC_TARGET_AVX2 MHC_INLINE void load_chunks4_avx2(const T* const* x, index_t k0, index_t w,
-                                                 float (*xb)[scalar::projection_chunk + 16],
+                                                 float (*xb)[scalar::projection_chunk + chunk_buffer_pad],
                                                  float (*sq)[scalar::projection_lanes]) {
   const index_t full = w / 8 * 8;
   const T *x0 = x[0] + k0, *x1 = x[1] + k0, *x2 = x[2] + k0, *x3 = x[3] + k0;
@@ -233,7 +237,7 @@ template <int M, class T>
 MHC_TARGET_AVX2 void project_tokens_avx2(const T* const* x, int nt, index_t K, const float* phi, float* u,
                                          float* s, bool more) {
   constexpr int W = scalar::projection_lanes, TB = projection_tokens, NB = projection_block;
-  constexpr index_t chunk = scalar::projection_chunk, pad = 16;
+  constexpr index_t chunk = scalar::projection_chunk, pad = chunk_buffer_pad;
   static_assert(W == 8 && TB == 4, "the kernel holds eight lanes of four tokens");
   alignas(32) float acc[NB][M][W];
   alignas(32) float sq[NB][W];
