@@ -11,6 +11,7 @@
 #include "mhc/core/dtype.hpp"
 #include "mhc/core/options.hpp"
 #include "mhc/cpu/cpu.hpp"
+#include "mhc/cpu/mixing.hpp"
 #include "mhc/cpu/projection.hpp"
 #include "mhc/cpu/stream.hpp"
 #include "mhc/ops/scalar.hpp"
@@ -281,13 +282,32 @@ struct backend_traits<cpu> {
 
   // ---------------------------------------------------------------------------------- pre apply
 
+  /// Whether the row writer Store runs the AVX2 mixing kernels (mhc/cpu/mixing.hpp) for storage T.
+  template <class Store, class T, class F>
+  static constexpr bool avx2_mixing() {
+#if MHC_HAVE_AVX2_KERNELS
+    return Store::avx2 && std::is_same_v<F, float> && (std::is_same_v<T, float> || std::is_same_v<T, bf16>);
+#else
+    return false;
+#endif
+  }
+
+  /// scalar::pre_apply over columns [c0, c1) of one token, with the AVX2 kernel where Store runs it.
+  template <int N, class Store, class T, class F>
+  static MHC_INLINE void pre_apply_columns(const F* pre, const T* R, index_t C, T* y, index_t c0, index_t c1) {
+#if MHC_HAVE_AVX2_KERNELS
+    if constexpr (avx2_mixing<Store, T, F>()) return detail::pre_apply_avx2<N, Store::non_temporal>(pre, R, C, y, c0, c1);
+#endif
+    scalar::pre_apply<N, T, F, Store>(pre, R, C, y, c0, c1);
+  }
+
   template <int N, class T, class F>
   static void pre_apply(const cpu& be, shape s, const F* pre, const T* R, T* y) {
     const index_t C = s.hidden;
     with_row_writer(be, s.tokens * C * index_t(sizeof(T)), false, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
       token_ranges<Store>(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
-        scalar::pre_apply<N, T, F, Store>(pre + t * N, R + t * N * C, C, y + t * C, c0, c1);
+        pre_apply_columns<N, Store>(pre + t * N, R + t * N * C, C, y + t * C, c0, c1);
       });
     });
   }
@@ -346,7 +366,7 @@ struct backend_traits<cpu> {
                                                         pre_w + t * N, post_w + t * N, cb);
             if constexpr (scalar::gates<Mapping>::needs_sinkhorn)
               scalar::sinkhorn<N>(cb, cb, cfg.sinkhorn_iters, eps_sk);
-            scalar::pre_apply<N, T, F, Store>(pre_w + t * N, R + t * K, C, y + t * C, 0, C);
+            pre_apply_columns<N, Store>(pre_w + t * N, R + t * K, C, y + t * C, 0, C);
           }
         });
         detail::stream_fence();
@@ -448,9 +468,19 @@ struct backend_traits<cpu> {
   template <int N, class T, class F>
   static void post(const cpu& be, shape s, const F* post_w, const F* comb, const T* y, const T* R, T* Rout) {
     const index_t C = s.hidden;
+    const bool avx512_bf16 = detail::avx512bf16_kernels();
     with_row_writer(be, s.tokens * N * C * index_t(sizeof(T)), Rout == R, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
       token_ranges<Store>(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
+#if MHC_HAVE_AVX2_KERNELS
+        if constexpr (avx2_mixing<Store, T, F>() && std::is_same_v<T, bf16>)
+          if (avx512_bf16)
+            return detail::post_bf16_avx512<N, Store::non_temporal>(post_w + t * N, comb + t * N * N, y + t * C,
+                                                                    R + t * N * C, C, Rout + t * N * C, c0, c1);
+        if constexpr (avx2_mixing<Store, T, F>())
+          return detail::post_avx2<N, Store::non_temporal>(post_w + t * N, comb + t * N * N, y + t * C, R + t * N * C,
+                                                           C, Rout + t * N * C, c0, c1);
+#endif
         scalar::post<N, T, F, Store>(post_w + t * N, comb + t * N * N, y + t * C, R + t * N * C, C, Rout + t * N * C,
                                      c0, c1);
       });

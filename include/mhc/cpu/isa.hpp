@@ -32,6 +32,10 @@
 /// vectors (the same lanes as the AVX2 kernels). AVX-512 carries fused multiply-adds: such kernels
 /// keep every product opaque (MHC_KEEP_IN_REGISTER) so no contraction can change a result.
 #define MHC_TARGET_AVX512VL __attribute__((target("avx2,avx512f,avx512vl")))
+/// Compiles one function for AVX-512 with its bf16 conversion (512-bit vectors). Such kernels work
+/// element by element (so the vector width changes no result), keep every product opaque as above,
+/// and send every value the conversion would round differently (NaN, subnormal) to the scalar code.
+#define MHC_TARGET_AVX512BF16 __attribute__((target("avx2,avx512f,avx512vl,avx512bw,avx512dq,avx512bf16")))
 #else
 #define MHC_HAVE_AVX2_KERNELS 0
 #endif
@@ -76,13 +80,33 @@ inline bool avx512vl_supported() noexcept {
 #endif
 }
 
-/// Whether the AVX2 kernels may use their AVX-512VL variants (same bits, more registers) where the
-/// processor has them. Tests clear it to run the plain AVX2 variants too.
+/// Whether this build and processor can run the AVX-512 bf16 variants of the AVX2 kernels
+/// (AVX-512F, VL, BW, DQ and BF16).
+inline bool avx512bf16_supported() noexcept {
+#if MHC_HAVE_AVX2_KERNELS
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return avx512vl_supported() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+/// Whether the AVX2 kernels may use their AVX-512 variants (AVX-512VL's registers, AVX-512 bf16
+/// conversion; same bits) where the processor has them. Tests clear it to run the plain AVX2 variants too.
 inline std::atomic<bool> avx512vl_allowed{true};
 
 /// Whether the AVX2 kernels use their AVX-512VL variants now.
 inline bool avx512vl_kernels() noexcept {
   return avx512vl_supported() && avx512vl_allowed.load(std::memory_order_relaxed);
+}
+
+/// Whether the AVX2 kernels use their AVX-512 bf16 variants now.
+inline bool avx512bf16_kernels() noexcept {
+  return avx512bf16_supported() && avx512vl_allowed.load(std::memory_order_relaxed);
 }
 }  // namespace detail
 

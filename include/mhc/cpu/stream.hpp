@@ -38,14 +38,19 @@ MHC_INLINE index_t row_head(T* dst, const F* src, index_t w) {
 }
 
 #if MHC_HAVE_AVX2_KERNELS
-/// Eight floats rounded to nearest even bf16 (the SSE2 writer's arithmetic, eight lanes), each
-/// sign-extended from the high half of its 32-bit lane; NaN lanes are marked in `nan`.
-MHC_TARGET_AVX2 MHC_INLINE __m256i bf16_bits_avx2(const float* src, __m256& nan) {
-  const __m256 f = _mm256_loadu_ps(src);
-  nan = _mm256_or_ps(nan, _mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+/// Eight floats (no NaN) rounded to nearest even bf16 (the SSE2 writer's arithmetic, eight lanes),
+/// each sign-extended from the high half of its 32-bit lane.
+MHC_TARGET_AVX2 MHC_INLINE __m256i bf16_round_avx2(__m256 f) {
   const __m256i u = _mm256_castps_si256(f);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   return _mm256_srai_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+}
+
+/// bf16_round_avx2 of the eight floats at src; NaN lanes are marked in `nan`.
+MHC_TARGET_AVX2 MHC_INLINE __m256i bf16_bits_avx2(const float* src, __m256& nan) {
+  const __m256 f = _mm256_loadu_ps(src);
+  nan = _mm256_or_ps(nan, _mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+  return bf16_round_avx2(f);
 }
 
 /// Stores 32 bytes at dst: with NonTemporal as two 16-byte streaming stores, so dst needs only the
@@ -96,6 +101,8 @@ struct simd_store {
   /// Whether row() uses the AVX2 writer: the code around it must then be compiled for AVX2
   /// (backend_traits<cpu>::with_store_isa).
   static constexpr bool avx2 = Avx2;
+  /// Whether the row bodies are written with streaming (non-temporal) stores.
+  static constexpr bool non_temporal = NonTemporal;
 
   /// dst[l] = round(src[l]) for l < w.
   template <class T, class F>

@@ -1,0 +1,260 @@
+#pragma once
+/// \file
+/// AVX2 kernels of the forward stream mixing (SPEC.md section 2 steps 6 and 8): pre_apply and post,
+/// sixteen columns at a time with the loads, the arithmetic, the bf16 rounding and the stores in
+/// registers. Each output element is computed with scalar::pre_apply's and scalar::post's products and
+/// sums in the same order (no fused multiply-add: the target has no FMA), and rounded with
+/// storage_traits<bf16>::store's arithmetic, so the bits are those of the scalar kernels.
+///
+/// bf16 columns are widened with an unpack against zero, which leaves sixteen columns in the order
+/// 0-3, 8-11 (the low vector) and 4-7, 12-15 (the high one); the signed pack that narrows them puts
+/// them back in order, so no permute is needed either way. A chunk whose outputs hold a NaN (the
+/// vector rounding does not give the quiet NaN 0x7FC0) is recomputed by the scalar kernel: nothing of
+/// the chunk has been written yet, so this holds in place too (post with Rout == R).
+
+#include <cstdint>
+#include <type_traits>
+
+#include "mhc/core/config.hpp"
+#include "mhc/core/dtype.hpp"
+#include "mhc/cpu/isa.hpp"
+#include "mhc/cpu/stream.hpp"
+#include "mhc/ops/scalar.hpp"
+
+namespace mhc {
+namespace detail {
+
+#if MHC_HAVE_AVX2_KERNELS
+
+/// Columns per iteration of the mixing kernels.
+inline constexpr index_t mix_chunk = 16;
+
+/// Sixteen values of storage type T as two vectors of floats: for float, columns 0-7 and 8-15; for
+/// bf16, columns 0-3, 8-11 and 4-7, 12-15 (store_mix16_avx2 undoes the order).
+template <class T>
+MHC_TARGET_AVX2 MHC_INLINE void load_mix16_avx2(const T* p, __m256& lo, __m256& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo = _mm256_loadu_ps(p);
+    hi = _mm256_loadu_ps(p + 8);
+  } else {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i zero = _mm256_setzero_si256();
+    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+  }
+}
+
+/// Whether the outputs lo, hi need the scalar rounding (a NaN in bf16 storage; never for float).
+template <class T>
+MHC_TARGET_AVX2 MHC_INLINE __m256 mix_nan_avx2(__m256 lo, __m256 hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)lo, (void)hi;
+    return _mm256_setzero_ps();
+  } else {
+    return _mm256_cmp_ps(lo, hi, _CMP_UNORD_Q);  // true where either lane is a NaN
+  }
+}
+
+/// Sixteen floats in load_mix16_avx2's order (no NaN) as the bits of sixteen values of T: for float
+/// two vectors, for bf16 one (rounded; the signed pack restores the column order).
+template <class T>
+struct mix16_bits {
+  __m256i v[std::is_same_v<T, float> ? 2 : 1];  ///< columns 0-15 in order, 32 bytes each
+};
+
+template <class T>
+MHC_TARGET_AVX2 MHC_INLINE mix16_bits<T> narrow_mix16_avx2(__m256 lo, __m256 hi) {
+  if constexpr (std::is_same_v<T, float>)
+    return {{_mm256_castps_si256(lo), _mm256_castps_si256(hi)}};
+  else
+    return {{_mm256_packs_epi32(bf16_round_avx2(lo), bf16_round_avx2(hi))}};
+}
+
+/// Bytes of output per row that one iteration of the mixing kernels writes: one cache line, so that
+/// streaming stores fill whole lines one after the other (lines left partly written while other rows
+/// are written are flushed as partial writes, which made post four times slower).
+inline constexpr index_t mix_line = 64;
+
+/// Writes one line (mix_line bytes) of a row: S groups of sixteen values; with NonTemporal dst is
+/// 64-byte aligned and the stores are streaming.
+template <bool NonTemporal, class T, int S>
+MHC_TARGET_AVX2 MHC_INLINE void store_mix_line_avx2(T* dst, const mix16_bits<T> (&b)[S]) {
+  auto* p = reinterpret_cast<__m256i*>(dst);
+  for (int s = 0; s < S; ++s)
+    for (const __m256i& v : b[s].v) {
+      if (NonTemporal)
+        _mm256_stream_si256(p++, v);
+      else
+        _mm256_storeu_si256(p++, v);
+    }
+}
+
+/// Where the vector body of an output row starting at column c0 of dst begins: c0 without streaming
+/// stores, otherwise the first column whose address is 64-byte aligned (at most c1). Returns -1 when
+/// streaming stores cannot be used for rows `row_stride` elements apart (dst not aligned to its
+/// element, or rows aligned differently); the caller then uses ordinary stores.
+template <bool NonTemporal, class T>
+MHC_INLINE index_t mix_body_start(const T* dst, index_t row_stride, index_t c0, index_t c1) {
+  if constexpr (!NonTemporal) {
+    (void)dst, (void)row_stride, (void)c1;
+    return c0;
+  } else {
+    const auto addr = reinterpret_cast<std::uintptr_t>(dst + c0);
+    if (addr % sizeof(T) != 0 || (row_stride * index_t(sizeof(T))) % mix_line != 0) return -1;
+    const index_t head = index_t((mix_line - addr % mix_line) % mix_line / sizeof(T));
+    return c1 - c0 < head ? c1 : c0 + head;
+  }
+}
+
+/// scalar::pre_apply over columns [c0, c1) of one token (the same bits): y[c] = sum_m pre_m R[m][c].
+template <int N, bool NonTemporal, class T>
+MHC_TARGET_AVX2 void pre_apply_avx2(const float* pre, const T* R, index_t C, T* y, index_t c0, index_t c1) {
+  constexpr int S = int(mix_line / index_t(sizeof(T))) / 16;  // groups of sixteen columns per line
+  constexpr index_t cols = 16 * S;
+  const index_t body = mix_body_start<NonTemporal>(y, 0, c0, c1);
+  if (body < 0) return pre_apply_avx2<N, false>(pre, R, C, y, c0, c1);
+  scalar::pre_apply<N, T, float, scalar::plain_store>(pre, R, C, y, c0, body);
+  __m256 w[N];
+  _Pragma("GCC unroll 16")
+  for (int m = 0; m < N; ++m) w[m] = _mm256_set1_ps(pre[m]);
+  index_t c = body;
+  for (; c + cols <= c1; c += cols) {
+    mix16_bits<T> out[S];
+    __m256 nan = _mm256_setzero_ps();
+    _Pragma("GCC unroll 16")
+    for (int s = 0; s < S; ++s) {
+      __m256 lo, hi, xl, xh;
+      load_mix16_avx2(R + c + 16 * s, xl, xh);
+      lo = _mm256_mul_ps(w[0], xl);
+      hi = _mm256_mul_ps(w[0], xh);
+      _Pragma("GCC unroll 16")
+      for (int m = 1; m < N; ++m) {
+        load_mix16_avx2(R + index_t(m) * C + c + 16 * s, xl, xh);
+        lo = _mm256_add_ps(lo, _mm256_mul_ps(w[m], xl));
+        hi = _mm256_add_ps(hi, _mm256_mul_ps(w[m], xh));
+      }
+      nan = _mm256_or_ps(nan, mix_nan_avx2<T>(lo, hi));
+      out[s] = narrow_mix16_avx2<T>(lo, hi);
+    }
+    if (_mm256_movemask_ps(nan) != 0)
+      scalar::pre_apply<N, T, float, scalar::plain_store>(pre, R, C, y, c, c + cols);
+    else
+      store_mix_line_avx2<NonTemporal>(y + c, out);
+  }
+  scalar::pre_apply<N, T, float, scalar::plain_store>(pre, R, C, y, c, c1);
+}
+
+/// scalar::post over columns [c0, c1) of one token (the same bits; Rout may equal R):
+/// R'[o][c] = post_o y[c] + sum_i comb[i][o] R[i][c]. Every stream's columns of a line are loaded
+/// before any output of the line is written.
+template <int N, bool NonTemporal, class T>
+MHC_TARGET_AVX2 void post_avx2(const float* post_w, const float* comb, const T* y, const T* R, index_t C, T* Rout,
+                               index_t c0, index_t c1) {
+  constexpr int S = int(mix_line / index_t(sizeof(T))) / 16;
+  constexpr index_t cols = 16 * S;
+  const index_t body = mix_body_start<NonTemporal>(Rout, C, c0, c1);
+  if (body < 0) return post_avx2<N, false>(post_w, comb, y, R, C, Rout, c0, c1);
+  scalar::post<N, T, float, scalar::plain_store>(post_w, comb, y, R, C, Rout, c0, body);
+  // Broadcast once: the stores (through may_alias vector types) would otherwise make the compiler
+  // reload and broadcast every coefficient in every iteration.
+  __m256 kp[N], kc[N * N];
+  for (int o = 0; o < N; ++o) kp[o] = _mm256_set1_ps(post_w[o]);
+  for (int k = 0; k < N * N; ++k) kc[k] = _mm256_set1_ps(comb[k]);
+  index_t c = body;
+  for (; c + cols <= c1; c += cols) {
+    mix16_bits<T> out[N][S];
+    __m256 nan = _mm256_setzero_ps();
+    _Pragma("GCC unroll 16")
+    for (int s = 0; s < S; ++s) {
+      __m256 rl[N], rh[N], yl, yh;
+      _Pragma("GCC unroll 16")
+      for (int i = 0; i < N; ++i) load_mix16_avx2(R + index_t(i) * C + c + 16 * s, rl[i], rh[i]);
+      load_mix16_avx2(y + c + 16 * s, yl, yh);
+      _Pragma("GCC unroll 16")
+      for (int o = 0; o < N; ++o) {
+        __m256 lo = _mm256_mul_ps(kp[o], yl), hi = _mm256_mul_ps(kp[o], yh);
+        _Pragma("GCC unroll 16")
+        for (int i = 0; i < N; ++i) {
+          lo = _mm256_add_ps(lo, _mm256_mul_ps(kc[i * N + o], rl[i]));
+          hi = _mm256_add_ps(hi, _mm256_mul_ps(kc[i * N + o], rh[i]));
+        }
+        nan = _mm256_or_ps(nan, mix_nan_avx2<T>(lo, hi));
+        out[o][s] = narrow_mix16_avx2<T>(lo, hi);
+      }
+    }
+    if (_mm256_movemask_ps(nan) != 0) {
+      scalar::post<N, T, float, scalar::plain_store>(post_w, comb, y, R, C, Rout, c, c + cols);
+      continue;
+    }
+    _Pragma("GCC unroll 16")
+    for (int o = 0; o < N; ++o) store_mix_line_avx2<NonTemporal>(Rout + index_t(o) * C + c, out[o]);
+  }
+  scalar::post<N, T, float, scalar::plain_store>(post_w, comb, y, R, C, Rout, c, c1);
+}
+
+/// post_avx2 for bf16 storage with 512-bit vectors and the AVX-512 bf16 conversion (the same bits):
+/// one line of 32 columns per row and iteration. The conversion rounds to nearest even like
+/// storage_traits<bf16>::store but flushes subnormals and keeps NaN payloads, so a line with such an
+/// output goes to the scalar code.
+template <int N, bool NonTemporal>
+MHC_TARGET_AVX512BF16 __attribute__((noinline)) void post_bf16_avx512(const float* post_w, const float* comb,
+                                                                      const bf16* y, const bf16* R, index_t C,
+                                                                      bf16* Rout, index_t c0, index_t c1) {
+  constexpr index_t cols = mix_line / index_t(sizeof(bf16));
+  const index_t body = mix_body_start<NonTemporal>(Rout, C, c0, c1);
+  if (body < 0) return post_bf16_avx512<N, false>(post_w, comb, y, R, C, Rout, c0, c1);
+  scalar::post<N, bf16, float, scalar::plain_store>(post_w, comb, y, R, C, Rout, c0, body);
+  __m512 kp[N], kc[N * N];
+  for (int o = 0; o < N; ++o) kp[o] = _mm512_set1_ps(post_w[o]);
+  for (int k = 0; k < N * N; ++k) kc[k] = _mm512_set1_ps(comb[k]);
+  const __m512i zero = _mm512_setzero_si512();
+  // The unpacks leave columns 8k..8k+3 in quadword k of the low half of the conversion and 8k+4..8k+7
+  // in quadword 4 + k of the high half: this permutation puts the 32 columns back in order.
+  const __m512i order = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
+  index_t c = body;
+  for (; c + cols <= c1; c += cols) {
+    __m512 rl[N], rh[N];
+    for (int i = 0; i < N; ++i) {
+      const __m512i v = _mm512_loadu_si512(R + index_t(i) * C + c);
+      rl[i] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
+      rh[i] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
+    }
+    const __m512i yv = _mm512_loadu_si512(y + c);
+    const __m512 yl = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, yv));
+    const __m512 yh = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, yv));
+    __m512i out[N];
+    unsigned odd = 0;  // outputs the conversion would round differently: NaN or subnormal
+    for (int o = 0; o < N; ++o) {
+      __m512 lo = _mm512_mul_ps(kp[o], yl), hi = _mm512_mul_ps(kp[o], yh);
+      MHC_KEEP_IN_REGISTER(lo);
+      MHC_KEEP_IN_REGISTER(hi);
+      for (int i = 0; i < N; ++i) {
+        __m512 pl = _mm512_mul_ps(kc[i * N + o], rl[i]), ph = _mm512_mul_ps(kc[i * N + o], rh[i]);
+        MHC_KEEP_IN_REGISTER(pl);
+        MHC_KEEP_IN_REGISTER(ph);
+        lo = _mm512_add_ps(lo, pl);
+        hi = _mm512_add_ps(hi, ph);
+      }
+      odd |= unsigned(_mm512_fpclass_ps_mask(lo, 0xA1)) | unsigned(_mm512_fpclass_ps_mask(hi, 0xA1));  // NaN, subnormal
+      // (the zero-masking form: the plain one starts from an undefined vector, which GCC 12 warns about)
+      out[o] = _mm512_maskz_permutexvar_epi64(0xFF, order, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+    if (odd != 0) {
+      scalar::post<N, bf16, float, scalar::plain_store>(post_w, comb, y, R, C, Rout, c, c + cols);
+      continue;
+    }
+    for (int o = 0; o < N; ++o) {
+      void* dst = Rout + index_t(o) * C + c;
+      if (NonTemporal)
+        _mm512_stream_si512(static_cast<__m512i*>(dst), out[o]);
+      else
+        _mm512_storeu_si512(dst, out[o]);
+    }
+  }
+  scalar::post<N, bf16, float, scalar::plain_store>(post_w, comb, y, R, C, Rout, c, c1);
+}
+
+#endif  // MHC_HAVE_AVX2_KERNELS
+
+}  // namespace detail
+}  // namespace mhc
