@@ -11,6 +11,7 @@
 #include <limits>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "common.hpp"
@@ -466,6 +467,73 @@ void pre_backward_store_paths() {
 
 TEST(Determinism, PreBackwardStorePathsFp32) { pre_backward_store_paths<float>(); }
 TEST(Determinism, PreBackwardStorePathsBf16) { pre_backward_store_paths<mhc::bf16>(); }
+
+// post and pre_apply (the forward mixing kernels, mhc/cpu/mixing.hpp) give the same bits on every
+// store path: streaming stores (outputs of 8 MiB and more), post in place, ordinary stores where the
+// rows are not aligned alike (C = 4104: rows 16 bytes off a cache line in bf16; C = 4099: odd), the
+// AVX2 variants with and without their AVX-512 ones, thread counts that split tokens at columns off
+// any line, and the baseline kernels on one thread. The inputs hold NaN, infinities and values whose
+// outputs are subnormal, which the vector conversions hand to the scalar code.
+template <class T>
+void mixing_store_paths() {
+  using F = mhc::compute_t<T>;
+  using st = mhc::storage_traits<T>;
+  constexpr int n = 4;
+  const index_t tokens = 1025;  // pre_apply's output reaches the streaming size too
+  for (index_t C : {index_t(4096), index_t(4104), index_t(4099)}) {
+    SCOPED_TRACE("C " + std::to_string(C));
+    const index_t K = n * C;
+    auto Rf = mhc_test::normal(std::size_t(tokens * K), 1.0, 41);
+    auto yf = mhc_test::normal(std::size_t(tokens * C), 1.0, 42);
+    // token 3: a NaN and an infinity in the residual; token 5: every input tiny, so the outputs are
+    // subnormal (the normal weights keep them from being exactly zero).
+    Rf[std::size_t(3 * K + 2 * C + 77)] = nan_f;
+    Rf[std::size_t(3 * K + 1 * C + 300)] = inf_f;
+    for (index_t i = 5 * K; i < 6 * K; ++i) Rf[std::size_t(i)] *= 1e-39;
+    for (index_t i = 5 * C; i < 6 * C; ++i) yf[std::size_t(i)] *= 1e-39;
+    const auto R = mhc_test::to<T>(Rf), y = mhc_test::to<T>(yf);
+    const auto pre = mhc_test::to<F>(mhc_test::normal(std::size_t(tokens * n), 1.0, 43));
+    const auto post = mhc_test::to<F>(mhc_test::normal(std::size_t(tokens * n), 1.0, 44));
+    const auto comb = mhc_test::to<F>(mhc_test::normal(std::size_t(tokens * n * n), 1.0, 45));
+    const auto cv = [](const auto& v) {
+      using V = typename std::decay_t<decltype(v)>::value_type;
+      return mhc::view<const V>(v.data(), index_t(v.size()));
+    };
+    const auto mv = [](auto& v) {
+      using V = typename std::decay_t<decltype(v)>::value_type;
+      return mhc::view<V>(v.data(), index_t(v.size()));
+    };
+    const auto run = [&](const mhc::cpu& be, bool in_place) {
+      std::vector<T> out = in_place ? R : std::vector<T>(R.size()), ya(y.size());
+      mhc::ops::post<n, T>(be, {tokens, C}, cv(post), cv(comb), cv(y), in_place ? cv(out) : cv(R), mv(out));
+      mhc::ops::pre_apply<n, T>(be, {tokens, C}, cv(pre), cv(R), mv(ya));
+      std::vector<float> all;
+      for (const T& v : out) all.push_back(st::load(v));
+      for (const T& v : ya) all.push_back(st::load(v));
+      return all;
+    };
+    const auto ref = run(mhc::cpu(1, mhc::cpu_isa::baseline), false);
+    // The checks can fail: the special values reached the outputs.
+    std::size_t nans = 0, subnormals = 0;
+    for (float v : ref) nans += std::isnan(v) ? 1 : 0, subnormals += std::fpclassify(v) == FP_SUBNORMAL ? 1 : 0;
+    EXPECT_GT(nans, 0u);
+    EXPECT_GT(subnormals, 100u);
+    EXPECT_TRUE(mhc_test::bit_equal(ref, run(mhc::cpu(1, mhc::cpu_isa::baseline), true))) << "baseline in place";
+    if (!mhc::cpu_isa_supported(mhc::cpu_isa::avx2)) continue;
+    for (bool wide : {true, false}) {
+      if (!wide && !mhc::detail::avx512vl_supported()) continue;
+      mhc::detail::avx512vl_allowed = wide;
+      for (const auto& [threads, in_place] : {std::pair{2, false}, std::pair{3, false}, std::pair{7, true}})
+        EXPECT_TRUE(mhc_test::bit_equal(ref, run(mhc::cpu(threads, mhc::cpu_isa::avx2), in_place)))
+            << "avx2, AVX-512 variants " << (wide ? "allowed" : "off") << ", threads " << threads
+            << (in_place ? ", in place" : ", streaming");
+    }
+    mhc::detail::avx512vl_allowed = true;
+  }
+}
+
+TEST(Determinism, MixingStorePathsFp32) { mixing_store_paths<float>(); }
+TEST(Determinism, MixingStorePathsBf16) { mixing_store_paths<mhc::bf16>(); }
 
 // The instruction set is the caller's to choose, and an unsupported one is refused without a change.
 TEST(Determinism, InstructionSetSelection) {
