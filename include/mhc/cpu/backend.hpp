@@ -320,6 +320,14 @@ struct backend_traits<cpu> {
     with_row_writer(be, 0, true, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
       be.parallel_for(s.tokens, token_grain(N * C), [&](index_t b, index_t e, int) {
+#if MHC_HAVE_AVX2_KERNELS
+        if constexpr (avx2_mixing<Store, T, F>()) {
+          for (index_t t = b; t < e; ++t)
+            detail::pre_apply_backward_avx2<N, Store>(pre + t * N, R + t * N * C, gy + t * C, C, gR + t * N * C,
+                                                      gpre + t * N);
+          return;
+        }
+#endif
         with_isa<Store>(be, [&]() MHC_ALWAYS_INLINE_LAMBDA {
           // One pass per token: each block's grad_pre lanes, then the block's gR, so all the
           // token's streams are read together.
@@ -502,9 +510,22 @@ struct backend_traits<cpu> {
                             const T* gRout, T* gR, T* gy, F* gpost, F* gcomb) {
     const index_t C = s.hidden;
     // gR is read and written (+=), gy is small next to the streams: ordinary stores.
+#if MHC_HAVE_AVX2_KERNELS
+    const bool wide = detail::avx512vl_kernels();
+#endif
     with_row_writer(be, 0, true, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
       be.parallel_for(s.tokens, token_grain(N * C), [&](index_t b, index_t e, int) {
+#if MHC_HAVE_AVX2_KERNELS
+        if constexpr (avx2_mixing<Store, T, F>()) {
+          for (index_t t = b; t < e; ++t) {
+            auto kernel = wide ? detail::post_backward_avx512vl<N, Store, T> : detail::post_backward_avx2<N, Store, T>;
+            kernel(post_w + t * N, comb + t * N * N, y + t * C, R + t * N * C, gRout + t * N * C, C,
+                   gR ? gR + t * N * C : nullptr, gy + t * C, gpost + t * N, gcomb + t * N * N);
+          }
+          return;
+        }
+#endif
         with_isa<Store>(be, [&]() MHC_ALWAYS_INLINE_LAMBDA {
           for (index_t t = b; t < e; ++t)
             scalar::post_backward<N, T, F, Store>(post_w + t * N, comb + t * N * N, y + t * C, R + t * N * C,

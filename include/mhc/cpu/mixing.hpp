@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// AVX2 kernels of the forward stream mixing (SPEC.md section 2 steps 6 and 8): pre_apply and post,
+/// AVX2 kernels of the stream mixing. Forward (SPEC.md section 2 steps 6 and 8): pre_apply and post,
 /// sixteen columns at a time with the loads, the arithmetic, the bf16 rounding and the stores in
 /// registers. Each output element is computed with scalar::pre_apply's and scalar::post's products and
 /// sums in the same order (no fused multiply-add: the target has no FMA), and rounded with
@@ -11,6 +11,10 @@
 /// them back in order, so no permute is needed either way. A chunk whose outputs hold a NaN (the
 /// vector rounding does not give the quiet NaN 0x7FC0) is recomputed by the scalar kernel: nothing of
 /// the chunk has been written yet, so this holds in place too (post with Rout == R).
+///
+/// Backward (SPEC.md section 4): post_backward and pre_apply_backward per token, eight columns per
+/// vector in the column order (their sums over the hidden dimension keep element c in lane c % 8),
+/// each value converted once, the next block of every stream prefetched.
 
 #include <cstdint>
 #include <type_traits>
@@ -18,6 +22,7 @@
 #include "mhc/core/config.hpp"
 #include "mhc/core/dtype.hpp"
 #include "mhc/cpu/isa.hpp"
+#include "mhc/cpu/projection.hpp"
 #include "mhc/cpu/stream.hpp"
 #include "mhc/ops/scalar.hpp"
 
@@ -252,6 +257,217 @@ MHC_TARGET_AVX512BF16 __attribute__((noinline)) void post_bf16_avx512(const floa
     }
   }
   scalar::post<N, bf16, float, scalar::plain_store>(post_w, comb, y, R, C, Rout, c, c1);
+}
+
+/// Prefetches into L2 the block after [b0, b0 + backward_block) of the N streams of a and of b
+/// (streams C elements apart) and of the row c, if there is one: the per-token backward kernels read
+/// many streams at once (all 4 KiB apart when C is a multiple of 2048 in bf16), more than the
+/// hardware prefetchers keep ahead of.
+template <int N, class T>
+MHC_TARGET_AVX2 MHC_INLINE void prefetch_next_block(const T* a, const T* b, const T* c, index_t C, index_t b0) {
+  constexpr index_t BB = scalar::backward_block;
+  const index_t n0 = b0 + BB;
+  if (n0 >= C) return;
+  const index_t bytes = (C - n0 < BB ? C - n0 : BB) * index_t(sizeof(T)), stride = C * index_t(sizeof(T));
+  const char* pa = reinterpret_cast<const char*>(a + n0);
+  const char* pb = reinterpret_cast<const char*>(b + n0);
+  const char* pc = reinterpret_cast<const char*>(c + n0);
+  for (index_t off = 0; off < bytes; off += 64) {
+    for (int i = 0; i < N; ++i) {
+      _mm_prefetch(pa + i * stride + off, _MM_HINT_T1);
+      _mm_prefetch(pb + i * stride + off, _MM_HINT_T1);
+    }
+    _mm_prefetch(pc + off, _MM_HINT_T1);
+  }
+}
+
+/// scalar::post_backward for one token (the same bits; Store writes gy and gR), eight columns per
+/// 256-bit vector. Element c is in lane c % 8 of every vector, as in scalar::post_backward's lanes,
+/// and each lane's accumulators (gpost: N, gcomb: N*N) add their products in increasing c, so the
+/// 8-lane sums are the scalar ones; every product is kept opaque so a caller compiled with FMA cannot
+/// contract it. Inlined into post_backward_avx2 and, with AVX-512VL's 32 registers (all N + N*N
+/// accumulators and a column's gR' stay in registers for N = 4), post_backward_avx512vl.
+template <int N, class Store, class T>
+MHC_TARGET_AVX2 MHC_INLINE void post_backward_token_avx2(const float* post_w, const float* comb, const T* y,
+                                                         const T* R, const T* gRout, index_t C, T* gR, T* gy,
+                                                         float* gpost, float* gcomb) {
+  constexpr int W = scalar::projection_lanes;
+  constexpr index_t BB = scalar::backward_block;
+  static_assert(W == 8 && BB % W == 0, "one 256-bit vector holds the eight lanes");
+  constexpr bool convert = !std::is_same_v<T, float>;
+  __m256 gp[N], gc[N * N];
+  for (int o = 0; o < N; ++o) gp[o] = _mm256_setzero_ps();
+  for (int k = 0; k < N * N; ++k) gc[k] = _mm256_setzero_ps();
+  alignas(32) float out[BB];
+  alignas(32) float gbuf[convert ? N : 1][convert ? BB : 1];  // gR' of the block as floats (bf16 only)
+  for (index_t b0 = 0; b0 < C; b0 += BB) {
+    const index_t w = C - b0 < BB ? C - b0 : BB, full = w / W * W;
+    // gR' row o of the block, as floats.
+    auto grow = [&](int o) MHC_ALWAYS_INLINE_LAMBDA -> const float* {
+      if constexpr (convert)
+        return gbuf[o];
+      else
+        return gRout + index_t(o) * C + b0;
+    };
+    prefetch_next_block<N>(gRout, R, y, C, b0);
+    for (index_t l = 0; l < full; l += W) {
+      __m256 g[N];
+      _Pragma("GCC unroll 16")
+      for (int o = 0; o < N; ++o) {
+        g[o] = load8_avx2(gRout + index_t(o) * C + b0 + l);
+        if constexpr (convert)
+          if (gR) _mm256_store_ps(gbuf[o] + l, g[o]);
+      }
+      const __m256 yc = load8_avx2(y + b0 + l);
+      __m256 acc = _mm256_mul_ps(_mm256_set1_ps(post_w[0]), g[0]);
+      MHC_KEEP_IN_REGISTER(acc);
+      _Pragma("GCC unroll 16")
+      for (int o = 1; o < N; ++o) {
+        __m256 p = _mm256_mul_ps(_mm256_set1_ps(post_w[o]), g[o]);
+        MHC_KEEP_IN_REGISTER(p);
+        acc = _mm256_add_ps(acc, p);
+      }
+      _mm256_store_ps(out + l, acc);
+      _Pragma("GCC unroll 16")
+      for (int o = 0; o < N; ++o) {
+        __m256 p = _mm256_mul_ps(yc, g[o]);
+        MHC_KEEP_IN_REGISTER(p);
+        gp[o] = _mm256_add_ps(gp[o], p);
+      }
+      _Pragma("GCC unroll 16")
+      for (int i = 0; i < N; ++i) {
+        const __m256 x = load8_avx2(R + index_t(i) * C + b0 + l);
+        _Pragma("GCC unroll 16")
+        for (int o = 0; o < N; ++o) {
+          __m256 p = _mm256_mul_ps(x, g[o]);
+          MHC_KEEP_IN_REGISTER(p);
+          gc[i * N + o] = _mm256_add_ps(gc[i * N + o], p);
+        }
+      }
+    }
+    if (full < w) {  // the last block's last w - full columns, lane l - full (as the scalar tail)
+      alignas(32) float ap[N][W], ac[N * N][W];
+      for (int o = 0; o < N; ++o) _mm256_store_ps(ap[o], gp[o]);
+      for (int k = 0; k < N * N; ++k) _mm256_store_ps(ac[k], gc[k]);
+      for (index_t l = full; l < w; ++l) {
+        const int lane = int(l - full);
+        float g[N];
+        for (int o = 0; o < N; ++o) {
+          g[o] = storage_traits<T>::load(gRout[index_t(o) * C + b0 + l]);
+          if constexpr (convert) gbuf[o][l] = g[o];
+        }
+        const float yc = storage_traits<T>::load(y[b0 + l]);
+        float acc = post_w[0] * g[0];
+        for (int o = 1; o < N; ++o) acc += post_w[o] * g[o];
+        out[l] = acc;
+        for (int o = 0; o < N; ++o) ap[o][lane] += yc * g[o];
+        for (int i = 0; i < N; ++i) {
+          const float x = storage_traits<T>::load(R[index_t(i) * C + b0 + l]);
+          for (int o = 0; o < N; ++o) ac[i * N + o][lane] += x * g[o];
+        }
+      }
+      for (int o = 0; o < N; ++o) gp[o] = _mm256_load_ps(ap[o]);
+      for (int k = 0; k < N * N; ++k) gc[k] = _mm256_load_ps(ac[k]);
+    }
+    Store::row(gy + b0, out, w);
+    if (gR)
+      for (int i = 0; i < N; ++i) {
+        T* gi = gR + index_t(i) * C + b0;
+        __m256 k[N];
+        _Pragma("GCC unroll 16")
+        for (int o = 0; o < N; ++o) k[o] = _mm256_set1_ps(comb[i * N + o]);
+        for (index_t l = 0; l < full; l += W) {
+          __m256 a = _mm256_mul_ps(k[0], _mm256_loadu_ps(grow(0) + l));
+          MHC_KEEP_IN_REGISTER(a);
+          _Pragma("GCC unroll 16")
+          for (int o = 1; o < N; ++o) {
+            __m256 p = _mm256_mul_ps(k[o], _mm256_loadu_ps(grow(o) + l));
+            MHC_KEEP_IN_REGISTER(p);
+            a = _mm256_add_ps(a, p);
+          }
+          _mm256_store_ps(out + l, _mm256_add_ps(load8_avx2(gi + l), a));
+        }
+        for (index_t l = full; l < w; ++l) {
+          float a = comb[i * N] * grow(0)[l];
+          for (int o = 1; o < N; ++o) a += comb[i * N + o] * grow(o)[l];
+          out[l] = storage_traits<T>::load(gi[l]) + a;
+        }
+        Store::row(gi, out, w);
+      }
+  }
+  alignas(32) float lanes[W];
+  for (int o = 0; o < N; ++o) {
+    _mm256_store_ps(lanes, gp[o]);
+    gpost[o] = scalar::combine_lanes(lanes);
+  }
+  for (int k = 0; k < N * N; ++k) {
+    _mm256_store_ps(lanes, gc[k]);
+    gcomb[k] = scalar::combine_lanes(lanes);
+  }
+}
+
+/// post_backward_token_avx2 compiled for AVX2.
+template <int N, class Store, class T>
+MHC_TARGET_AVX2 void post_backward_avx2(const float* post_w, const float* comb, const T* y, const T* R,
+                                        const T* gRout, index_t C, T* gR, T* gy, float* gpost, float* gcomb) {
+  post_backward_token_avx2<N, Store>(post_w, comb, y, R, gRout, C, gR, gy, gpost, gcomb);
+}
+
+/// post_backward_token_avx2 compiled with AVX-512VL's 32 registers (the same bits).
+template <int N, class Store, class T>
+MHC_TARGET_AVX512VL void post_backward_avx512vl(const float* post_w, const float* comb, const T* y, const T* R,
+                                                const T* gRout, index_t C, T* gR, T* gy, float* gpost,
+                                                float* gcomb) {
+  post_backward_token_avx2<N, Store>(post_w, comb, y, R, gRout, C, gR, gy, gpost, gcomb);
+}
+
+/// scalar::pre_apply_backward's per-token loop (backend_traits<cpu>::pre_apply_backward; the same bits;
+/// Store writes gR): gpre[m] = sum_c gy[c] R[m][c] in scalar::grad_pre's lanes (element c in lane
+/// c % 8, each lane in increasing c) and gR[m][c] += pre_m gy[c], eight columns per vector, gy
+/// converted once per column. Products are kept opaque (no contraction).
+template <int N, class Store, class T>
+MHC_TARGET_AVX2 void pre_apply_backward_avx2(const float* pre, const T* R, const T* gy, index_t C, T* gR,
+                                             float* gpre) {
+  constexpr int W = scalar::projection_lanes;
+  constexpr index_t BB = scalar::backward_block;
+  static_assert(W == 8 && BB % W == 0, "one 256-bit vector holds the eight lanes");
+  __m256 acc[N], kp[N];
+  for (int m = 0; m < N; ++m) acc[m] = _mm256_setzero_ps(), kp[m] = _mm256_set1_ps(pre[m]);
+  alignas(32) float buf[N][BB];
+  for (index_t b0 = 0; b0 < C; b0 += BB) {
+    const index_t w = C - b0 < BB ? C - b0 : BB, full = w / W * W;
+    prefetch_next_block<N>(R, gR, gy, C, b0);
+    for (index_t l = 0; l < full; l += W) {
+      const __m256 g = load8_avx2(gy + b0 + l);
+      _Pragma("GCC unroll 16")
+      for (int m = 0; m < N; ++m) {
+        __m256 p = _mm256_mul_ps(g, load8_avx2(R + index_t(m) * C + b0 + l));
+        MHC_KEEP_IN_REGISTER(p);
+        acc[m] = _mm256_add_ps(acc[m], p);
+        __m256 q = _mm256_mul_ps(kp[m], g);
+        MHC_KEEP_IN_REGISTER(q);
+        _mm256_store_ps(buf[m] + l, _mm256_add_ps(load8_avx2(gR + index_t(m) * C + b0 + l), q));
+      }
+    }
+    if (full < w) {  // the last block's last w - full columns, lane l - full (as grad_pre_block)
+      alignas(32) float a[N][W];
+      for (int m = 0; m < N; ++m) _mm256_store_ps(a[m], acc[m]);
+      for (index_t l = full; l < w; ++l) {
+        const float g = storage_traits<T>::load(gy[b0 + l]);
+        for (int m = 0; m < N; ++m) {
+          a[m][l - full] += g * storage_traits<T>::load(R[index_t(m) * C + b0 + l]);
+          buf[m][l] = storage_traits<T>::load(gR[index_t(m) * C + b0 + l]) + pre[m] * g;
+        }
+      }
+      for (int m = 0; m < N; ++m) acc[m] = _mm256_load_ps(a[m]);
+    }
+    for (int m = 0; m < N; ++m) Store::row(gR + index_t(m) * C + b0, buf[m], w);
+  }
+  alignas(32) float lanes[W];
+  for (int m = 0; m < N; ++m) {
+    _mm256_store_ps(lanes, acc[m]);
+    gpre[m] = scalar::combine_lanes(lanes);
+  }
 }
 
 #endif  // MHC_HAVE_AVX2_KERNELS
