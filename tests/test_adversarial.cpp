@@ -468,8 +468,8 @@ void pre_backward_store_paths() {
 TEST(Determinism, PreBackwardStorePathsFp32) { pre_backward_store_paths<float>(); }
 TEST(Determinism, PreBackwardStorePathsBf16) { pre_backward_store_paths<mhc::bf16>(); }
 
-// post and pre_apply (the forward mixing kernels, mhc/cpu/mixing.hpp) give the same bits on every
-// store path: streaming stores (outputs of 8 MiB and more), post in place, ordinary stores where the
+// post, pre_apply, post_backward and pre_apply_backward (the mixing kernels, mhc/cpu/mixing.hpp)
+// give the same bits on every store path: streaming stores (outputs of 8 MiB and more), post in place, ordinary stores where the
 // rows are not aligned alike (C = 4104: rows 16 bytes off a cache line in bf16; C = 4099: odd), the
 // AVX2 variants with and without their AVX-512 ones, thread counts that split tokens at columns off
 // any line, and the baseline kernels on one thread. The inputs hold NaN, infinities and values whose
@@ -495,6 +495,7 @@ void mixing_store_paths() {
     const auto pre = mhc_test::to<F>(mhc_test::normal(std::size_t(tokens * n), 1.0, 43));
     const auto post = mhc_test::to<F>(mhc_test::normal(std::size_t(tokens * n), 1.0, 44));
     const auto comb = mhc_test::to<F>(mhc_test::normal(std::size_t(tokens * n * n), 1.0, 45));
+    const auto gR0 = mhc_test::to<T>(mhc_test::normal(std::size_t(tokens * K), 1.0, 46));
     const auto cv = [](const auto& v) {
       using V = typename std::decay_t<decltype(v)>::value_type;
       return mhc::view<const V>(v.data(), index_t(v.size()));
@@ -507,9 +508,22 @@ void mixing_store_paths() {
       std::vector<T> out = in_place ? R : std::vector<T>(R.size()), ya(y.size());
       mhc::ops::post<n, T>(be, {tokens, C}, cv(post), cv(comb), cv(y), in_place ? cv(out) : cv(R), mv(out));
       mhc::ops::pre_apply<n, T>(be, {tokens, C}, cv(pre), cv(R), mv(ya));
+      // post_backward with gR' = R, without grad_residual and with one (added to a copy of gR0).
+      std::vector<T> gy(y.size()), gy2(y.size()), gR = gR0;
+      std::vector<F> gpost(post.size()), gcomb(comb.size()), gpost2(post.size()), gcomb2(comb.size());
+      mhc::ops::post_backward<n, T>(be, {tokens, C}, cv(post), cv(comb), cv(y), cv(R), cv(R), mhc::view<T>{}, mv(gy),
+                                    mv(gpost), mv(gcomb));
+      mhc::ops::post_backward<n, T>(be, {tokens, C}, cv(post), cv(comb), cv(y), cv(R), cv(R), mv(gR), mv(gy2),
+                                    mv(gpost2), mv(gcomb2));
+      // pre_apply_backward with gy_in = y, added to another copy of gR0.
+      std::vector<T> gRa = gR0;
+      std::vector<F> gpre(pre.size());
+      mhc::ops::pre_apply_backward<n, T>(be, {tokens, C}, cv(pre), cv(R), cv(y), mv(gRa), mv(gpre));
       std::vector<float> all;
-      for (const T& v : out) all.push_back(st::load(v));
-      for (const T& v : ya) all.push_back(st::load(v));
+      for (const auto* v : {&out, &ya, &gy, &gy2, &gR, &gRa})
+        for (const T& x : *v) all.push_back(st::load(x));
+      for (const auto* v : {&gpost, &gcomb, &gpost2, &gcomb2, &gpre})
+        for (const F& x : *v) all.push_back(float(x));
       return all;
     };
     const auto ref = run(mhc::cpu(1, mhc::cpu_isa::baseline), false);
