@@ -14,7 +14,7 @@
 ///
 /// Backward (SPEC.md section 4): post_backward and pre_apply_backward per token, eight columns per
 /// vector in the column order (their sums over the hidden dimension keep element c in lane c % 8),
-/// each value converted once, the next block of every stream prefetched.
+/// each value converted once.
 
 #include <cstdint>
 #include <type_traits>
@@ -260,9 +260,9 @@ MHC_TARGET_AVX512BF16 __attribute__((noinline)) void post_bf16_avx512(const floa
 }
 
 /// Prefetches into L2 the block after [b0, b0 + backward_block) of the N streams of a and of b
-/// (streams C elements apart) and of the row c, if there is one: the per-token backward kernels read
-/// many streams at once (all 4 KiB apart when C is a multiple of 2048 in bf16), more than the
-/// hardware prefetchers keep ahead of.
+/// (streams C elements apart) and of the row c, if there is one. post_backward in bf16 reads 2N + 1
+/// streams at once (all 4 KiB apart when C is a multiple of 2048), more than the hardware prefetchers
+/// keep ahead of: 11% faster on one thread. (It made fp32 and pre_apply_backward slower.)
 template <int N, class T>
 MHC_TARGET_AVX2 MHC_INLINE void prefetch_next_block(const T* a, const T* b, const T* c, index_t C, index_t b0) {
   constexpr index_t BB = scalar::backward_block;
@@ -309,7 +309,7 @@ MHC_TARGET_AVX2 MHC_INLINE void post_backward_token_avx2(const float* post_w, co
       else
         return gRout + index_t(o) * C + b0;
     };
-    prefetch_next_block<N>(gRout, R, y, C, b0);
+    if constexpr (convert) prefetch_next_block<N>(gRout, R, y, C, b0);  // fp32: slower with it
     for (index_t l = 0; l < full; l += W) {
       __m256 g[N];
       _Pragma("GCC unroll 16")
@@ -436,7 +436,6 @@ MHC_TARGET_AVX2 void pre_apply_backward_avx2(const float* pre, const T* R, const
   alignas(32) float buf[N][BB];
   for (index_t b0 = 0; b0 < C; b0 += BB) {
     const index_t w = C - b0 < BB ? C - b0 : BB, full = w / W * W;
-    prefetch_next_block<N>(R, gR, gy, C, b0);
     for (index_t l = 0; l < full; l += W) {
       const __m256 g = load8_avx2(gy + b0 + l);
       _Pragma("GCC unroll 16")
