@@ -22,6 +22,18 @@ using mhc::index_t;
 constexpr float nan_f = std::numeric_limits<float>::quiet_NaN();
 constexpr float inf_f = std::numeric_limits<float>::infinity();
 
+/// A read-only view of a whole vector.
+template <class V>
+mhc::view<const V> cv(const std::vector<V>& v) {
+  return mhc::view<const V>(v.data(), index_t(v.size()));
+}
+
+/// A writable view of a whole vector.
+template <class V>
+mhc::view<V> mv(std::vector<V>& v) {
+  return mhc::view<V>(v.data(), index_t(v.size()));
+}
+
 template <class V>
 bool all_finite(const std::vector<V>& v, std::size_t begin = 0, std::size_t end = SIZE_MAX) {
   end = std::min(end, v.size());
@@ -379,8 +391,6 @@ std::vector<float> standalone_outputs(int threads, mhc::cpu_isa isa, index_t C) 
     std::vector<float> e(R.size()), eb(h.size()), gL(L.size()), out(h.size()), hw(tn), hp(tn),
         hr(static_cast<std::size_t>(tokens)), gRh(R.size(), 0.0f), gphi(phi_head.size()), ga(1),
         gb(static_cast<std::size_t>(n));
-    const auto cv = [](const std::vector<float>& v) { return mhc::view<const float>(v.data(), index_t(v.size())); };
-    const auto mv = [](std::vector<float>& v) { return mhc::view<float>(v.data(), index_t(v.size())); };
     mhc::ops::expand<n, float>(be, {tokens, C}, cv(h), mv(e));
     mhc::ops::expand_backward<n, float>(be, {tokens, C}, cv(gR), mv(eb));
     std::vector<float> ws(std::size_t(mhc::ops::sinkhorn_backward_workspace_size<n, float>(be, tokens, 20)));
@@ -421,14 +431,6 @@ void pre_backward_store_paths() {
   using F = mhc::compute_t<T>;
   constexpr int n = 4, M = mhc::coeff_count<n>;
   const index_t C = 4096, K = n * C;
-  const auto cv = [](const auto& v) {
-    using V = typename std::decay_t<decltype(v)>::value_type;
-    return mhc::view<const V>(v.data(), index_t(v.size()));
-  };
-  const auto mv = [](auto& v) {
-    using V = typename std::decay_t<decltype(v)>::value_type;
-    return mhc::view<V>(v.data(), index_t(v.size()));
-  };
   for (index_t tokens : {256, 254}) {
     SCOPED_TRACE("tokens " + std::to_string(tokens));
     const auto R = mhc_test::to<T>(mhc_test::normal(std::size_t(tokens * K), 1.0, 21));
@@ -496,14 +498,6 @@ void mixing_store_paths() {
     const auto post = mhc_test::to<F>(mhc_test::normal(std::size_t(tokens * n), 1.0, 44));
     const auto comb = mhc_test::to<F>(mhc_test::normal(std::size_t(tokens * n * n), 1.0, 45));
     const auto gR0 = mhc_test::to<T>(mhc_test::normal(std::size_t(tokens * K), 1.0, 46));
-    const auto cv = [](const auto& v) {
-      using V = typename std::decay_t<decltype(v)>::value_type;
-      return mhc::view<const V>(v.data(), index_t(v.size()));
-    };
-    const auto mv = [](auto& v) {
-      using V = typename std::decay_t<decltype(v)>::value_type;
-      return mhc::view<V>(v.data(), index_t(v.size()));
-    };
     const auto run = [&](const mhc::cpu& be, bool in_place) {
       std::vector<T> out = in_place ? R : std::vector<T>(R.size()), ya(y.size());
       mhc::ops::post<n, T>(be, {tokens, C}, cv(post), cv(comb), cv(y), in_place ? cv(out) : cv(R), mv(out));
