@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <mutex>
 #include <thread>
@@ -471,19 +472,18 @@ TEST(Determinism, PreBackwardStorePathsFp32) { pre_backward_store_paths<float>()
 TEST(Determinism, PreBackwardStorePathsBf16) { pre_backward_store_paths<mhc::bf16>(); }
 
 // post, pre_apply, post_backward and pre_apply_backward (the mixing kernels, mhc/cpu/mixing.hpp)
-// give the same bits on every store path: streaming stores (outputs of 8 MiB and more), post in place, ordinary stores where the
-// rows are not aligned alike (C = 4104: rows 16 bytes off a cache line in bf16; C = 4099: odd), the
-// AVX2 variants with and without their AVX-512 ones, thread counts that split tokens at columns off
-// any line, and the baseline kernels on one thread. The inputs hold NaN, infinities and values whose
+// give the same bits on every store path: streaming stores (outputs of 8 MiB and more), post in
+// place, ordinary stores where the rows are not aligned alike (C = 4104: rows 16 bytes off a cache
+// line in bf16; C = 4099: odd, with a column tail), the AVX2 variants with and without their AVX-512
+// ones, thread counts that split tokens at columns off any line, and the baseline kernels on one
+// thread. The inputs hold NaN, infinities and values whose
 // outputs are subnormal, which the vector conversions hand to the scalar code.
-template <class T>
-void mixing_store_paths() {
+template <class T, int n>
+void mixing_store_paths(index_t tokens, std::initializer_list<index_t> hidden) {
   using F = mhc::compute_t<T>;
   using st = mhc::storage_traits<T>;
-  constexpr int n = 4;
-  const index_t tokens = 1025;  // pre_apply's output reaches the streaming size too
-  for (index_t C : {index_t(4096), index_t(4104), index_t(4099)}) {
-    SCOPED_TRACE("C " + std::to_string(C));
+  for (index_t C : hidden) {
+    SCOPED_TRACE("n " + std::to_string(n) + ", C " + std::to_string(C));
     const index_t K = n * C;
     auto Rf = mhc_test::normal(std::size_t(tokens * K), 1.0, 41);
     auto yf = mhc_test::normal(std::size_t(tokens * C), 1.0, 42);
@@ -540,8 +540,19 @@ void mixing_store_paths() {
   }
 }
 
-TEST(Determinism, MixingStorePathsFp32) { mixing_store_paths<float>(); }
-TEST(Determinism, MixingStorePathsBf16) { mixing_store_paths<mhc::bf16>(); }
+// n = 4 with 1025 tokens: pre_apply's output reaches the streaming size too.
+TEST(Determinism, MixingStorePathsFp32) { mixing_store_paths<float, 4>(1025, {4096, 4104, 4099}); }
+TEST(Determinism, MixingStorePathsBf16) { mixing_store_paths<mhc::bf16, 4>(1025, {4096, 4104, 4099}); }
+
+// The other stream counts (post_backward's N + N*N accumulators: 2 to 72), ordinary stores only.
+TEST(Determinism, MixingOtherStreamCounts) {
+  mixing_store_paths<float, 1>(9, {333, 1100});
+  mixing_store_paths<float, 3>(9, {333, 1100});
+  mixing_store_paths<float, 8>(9, {333, 1100});
+  mixing_store_paths<mhc::bf16, 1>(9, {333, 1100});
+  mixing_store_paths<mhc::bf16, 3>(9, {333, 1100});
+  mixing_store_paths<mhc::bf16, 8>(9, {333, 1100});
+}
 
 // The instruction set is the caller's to choose, and an unsupported one is refused without a change.
 TEST(Determinism, InstructionSetSelection) {
