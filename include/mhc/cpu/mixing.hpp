@@ -31,11 +31,8 @@ namespace detail {
 
 #if MHC_HAVE_AVX2_KERNELS
 
-/// Columns per iteration of the mixing kernels.
-inline constexpr index_t mix_chunk = 16;
-
 /// Sixteen values of storage type T as two vectors of floats: for float, columns 0-7 and 8-15; for
-/// bf16, columns 0-3, 8-11 and 4-7, 12-15 (store_mix16_avx2 undoes the order).
+/// bf16, columns 0-3, 8-11 and 4-7, 12-15 (narrow_mix16_avx2 undoes the order).
 template <class T>
 MHC_TARGET_AVX2 MHC_INLINE void load_mix16_avx2(const T* p, __m256& lo, __m256& hi) {
   if constexpr (std::is_same_v<T, float>) {
@@ -281,6 +278,13 @@ MHC_TARGET_AVX2 MHC_INLINE void prefetch_next_block(const T* a, const T* b, cons
   }
 }
 
+/// scalar::combine_lanes of the eight lanes of v.
+MHC_TARGET_AVX2 MHC_INLINE float combine_lanes_avx2(__m256 v) {
+  alignas(32) float lanes[scalar::projection_lanes];
+  _mm256_store_ps(lanes, v);
+  return scalar::combine_lanes(lanes);
+}
+
 /// scalar::post_backward for one token (the same bits; Store writes gy and gR), eight columns per
 /// 256-bit vector. Element c is in lane c % 8 of every vector, as in scalar::post_backward's lanes,
 /// and each lane's accumulators (gpost: N, gcomb: N*N) add their products in increasing c, so the
@@ -395,15 +399,8 @@ MHC_TARGET_AVX2 MHC_INLINE void post_backward_token_avx2(const float* post_w, co
         Store::row(gi, out, w);
       }
   }
-  alignas(32) float lanes[W];
-  for (int o = 0; o < N; ++o) {
-    _mm256_store_ps(lanes, gp[o]);
-    gpost[o] = scalar::combine_lanes(lanes);
-  }
-  for (int k = 0; k < N * N; ++k) {
-    _mm256_store_ps(lanes, gc[k]);
-    gcomb[k] = scalar::combine_lanes(lanes);
-  }
+  for (int o = 0; o < N; ++o) gpost[o] = combine_lanes_avx2(gp[o]);
+  for (int k = 0; k < N * N; ++k) gcomb[k] = combine_lanes_avx2(gc[k]);
 }
 
 /// post_backward_token_avx2 compiled for AVX2.
@@ -462,11 +459,7 @@ MHC_TARGET_AVX2 void pre_apply_backward_avx2(const float* pre, const T* R, const
     }
     for (int m = 0; m < N; ++m) Store::row(gR + index_t(m) * C + b0, buf[m], w);
   }
-  alignas(32) float lanes[W];
-  for (int m = 0; m < N; ++m) {
-    _mm256_store_ps(lanes, acc[m]);
-    gpre[m] = scalar::combine_lanes(lanes);
-  }
+  for (int m = 0; m < N; ++m) gpre[m] = combine_lanes_avx2(acc[m]);
 }
 
 #endif  // MHC_HAVE_AVX2_KERNELS
