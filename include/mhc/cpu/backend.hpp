@@ -476,7 +476,9 @@ struct backend_traits<cpu> {
   template <int N, class T, class F>
   static void post(const cpu& be, shape s, const F* post_w, const F* comb, const T* y, const T* R, T* Rout) {
     const index_t C = s.hidden;
+#if MHC_HAVE_AVX2_KERNELS
     const bool avx512_bf16 = detail::avx512bf16_kernels();
+#endif
     with_row_writer(be, s.tokens * N * C * index_t(sizeof(T)), Rout == R, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
       using Store = decltype(store);
       token_ranges<Store>(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
