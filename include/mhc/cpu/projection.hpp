@@ -162,6 +162,12 @@ MHC_TARGET_AVX512VL inline void project_4x4_avx512vl(const float* const* p, cons
     for (int t = 0; t < 4; ++t) _mm256_storeu_ps(c[r][t], a[r][t]);
 }
 
+/// Eight floats from lo in the low half of a 512-bit register and eight from hi in the high half.
+MHC_TARGET_AVX512VL MHC_INLINE __m512 pair_avx512(const float* lo, const float* hi) {
+  return _mm512_castpd_ps(_mm512_maskz_insertf64x4(0xFF, _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(lo))),
+                                                   _mm256_castps_pd(_mm256_loadu_ps(hi)), 1));
+}
+
 /// Eight values of x as floats: fp32 as they are, bf16 widened exactly (the 16 bits moved to the top).
 template <class T>
 MHC_TARGET_AVX2 MHC_INLINE __m256 load8_avx2(const T* x) {
@@ -199,8 +205,8 @@ inline constexpr index_t chunk_buffer_pad = 16;
 /// token's sum of squares is one chain of dependent additions, and four of them run side by side.
 template <class T>
 MHC_TARGET_AVX2 MHC_INLINE void load_chunks4_avx2(const T* const* x, index_t k0, index_t w,
-                                                 float (*xb)[scalar::projection_chunk + chunk_buffer_pad],
-                                                 float (*sq)[scalar::projection_lanes]) {
+                                                  float (*xb)[scalar::projection_chunk + chunk_buffer_pad],
+                                                  float (*sq)[scalar::projection_lanes]) {
   const index_t full = w / 8 * 8;
   const T *x0 = x[0] + k0, *x1 = x[1] + k0, *x2 = x[2] + k0, *x3 = x[3] + k0;
   __m256 s0 = _mm256_loadu_ps(sq[0]), s1 = _mm256_loadu_ps(sq[1]), s2 = _mm256_loadu_ps(sq[2]);
@@ -226,6 +232,138 @@ MHC_TARGET_AVX2 MHC_INLINE void load_chunks4_avx2(const T* const* x, index_t k0,
     }
 }
 
+/// Floats of one pair buffer of project_block_avx512: a chunk of two tokens, interleaved eight
+/// elements at a time, and a line of padding so the four buffers do not share L1 sets.
+inline constexpr index_t pair_buffer = 2 * scalar::projection_chunk + 16;
+
+/// For the eight tokens x[0..7]: xp[a/2][2i + 8(a%2) + l] = x[a][k0 + i + l] as floats (i a multiple
+/// of 8, l < 8), so one 512-bit load holds the same eight elements of two tokens; sq[a][l] += the
+/// squares of lane l in increasing element order (as scalar::load_chunk), for the w / 8 * 8 elements
+/// of whole groups of eight (project_block_tail takes the rest).
+template <class T>
+MHC_TARGET_AVX512VL MHC_INLINE void load_pairs8_avx512(const T* const* x, index_t k0, index_t w,
+                                                       float (*xp)[pair_buffer],
+                                                       float (*sq)[scalar::projection_lanes]) {
+  const index_t full = w / 8 * 8;
+  __m256 s[8];
+#pragma GCC unroll 8
+  for (int a = 0; a < 8; ++a) s[a] = _mm256_loadu_ps(sq[a]);
+  for (index_t i = 0; i < full; i += 8) {
+#pragma GCC unroll 8
+    for (int a = 0; a < 8; ++a) {
+      __m256 v = load8_avx2(x[a] + k0 + i);
+      MHC_KEEP_IN_REGISTER(v);  // opaque: GCC would split the loop into copies and a pass for the squares
+      _mm256_store_ps(xp[a / 2] + 2 * i + 8 * (a % 2), v);
+      __m256 m = _mm256_mul_ps(v, v);
+      MHC_KEEP_IN_REGISTER(m);  // a product, then a sum (AVX-512 targets have FMA to contract them into)
+      s[a] = _mm256_add_ps(s[a], m);
+    }
+  }
+#pragma GCC unroll 8
+  for (int a = 0; a < 8; ++a) _mm256_storeu_ps(sq[a], s[a]);
+}
+
+/// acc[a][j0 + r][l] += lanes of phi[j0 + r][k0 + i] * x[a][k0 + i] over w elements (a multiple
+/// of 8) for eight tokens a and R rows r, from load_pairs8_avx512's buffers: each 512-bit register
+/// holds one row's eight lanes for two tokens, the row's eight elements broadcast to both halves feed
+/// four such products, and 4R accumulators stay in registers. Per lane the same product, then the
+/// same sum, in the same order as scalar::project_row: the same bits.
+template <int R, int M>
+MHC_TARGET_AVX512VL inline void project_8xR_avx512(const float* p, index_t K, const float (*xp)[pair_buffer], index_t w,
+                                                   float (*acc)[M][scalar::projection_lanes], int j0) {
+  __m512 a[R][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) a[r][q] = pair_avx512(acc[2 * q][j0 + r], acc[2 * q + 1][j0 + r]);
+  const float *x0 = xp[0], *x1 = xp[1], *x2 = xp[2], *x3 = xp[3];
+  for (index_t i = 0; i < w; i += 8) {
+    const __m512 v[4] = {_mm512_load_ps(x0 + 2 * i), _mm512_load_ps(x1 + 2 * i), _mm512_load_ps(x2 + 2 * i),
+                         _mm512_load_ps(x3 + 2 * i)};
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 b =
+          _mm512_castpd_ps(_mm512_maskz_broadcast_f64x4(0xFF, _mm256_castps_pd(_mm256_loadu_ps(p + r * K + i))));
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        __m512 m = _mm512_mul_ps(b, v[q]);
+        MHC_KEEP_IN_REGISTER(m);  // a product, then a sum: never one fused multiply-add
+        a[r][q] = _mm512_add_ps(a[r][q], m);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      _mm256_storeu_ps(acc[2 * q][j0 + r],
+                       _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(a[r][q]), 0)));
+      _mm256_storeu_ps(acc[2 * q + 1][j0 + r],
+                       _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(a[r][q]), 1)));
+    }
+}
+
+/// Rows of phi project_8xR_avx512 takes at once (4R = 24 accumulators of AVX-512's 32 registers).
+inline constexpr int projection_rows512 = 6;
+
+/// The last w < 8 elements from k0 of project_block_avx512's eight tokens: their squares and
+/// products continue the same lanes (as scalar::load_chunk and scalar::project_row). A separate
+/// function, so that these scalar sums are not compiled for the caller's FMA-capable target.
+template <int M, class T>
+__attribute__((noinline)) void project_block_tail(const T* const* x, index_t K, const float* phi, index_t k0, index_t w,
+                                                  float (*acc)[M][scalar::projection_lanes],
+                                                  float (*sq)[scalar::projection_lanes]) {
+  for (int a = 0; a < 8; ++a) {
+    float xb[scalar::projection_lanes];
+    for (index_t i = 0; i < w; ++i) {
+      xb[i] = storage_traits<T>::load(x[a][k0 + i]);
+      sq[a][i] += xb[i] * xb[i];
+    }
+    for (int r = 0; r < M; ++r) scalar::project_row(phi + index_t(r) * K + k0, xb, w, acc[a][r]);
+  }
+}
+
+/// project_tokens_avx2's work for a full block of eight tokens with 512-bit registers (acc and sq
+/// hold the lanes; the same bits). Chunk by chunk: the eight tokens' chunk goes to the pair buffers,
+/// then six rows of phi at a time multiply all eight, and meanwhile the chunk the next copy reads
+/// (the next chunk, or with `more` the next block's first, which follows in memory) is prefetched.
+template <int M, class T>
+MHC_TARGET_AVX512VL void project_block_avx512(const T* const* x, index_t K, const float* phi,
+                                              float (*acc)[M][scalar::projection_lanes],
+                                              float (*sq)[scalar::projection_lanes], bool more) {
+  constexpr index_t chunk = scalar::projection_chunk;
+  constexpr int R = projection_rows512, groups = (M + R - 1) / R;
+  alignas(64) float xp[4][pair_buffer];
+  for (index_t k0 = 0; k0 < K; k0 += chunk) {
+    const index_t w = K - k0 < chunk ? K - k0 : chunk, full = w / 8 * 8;
+    load_pairs8_avx512(x, k0, w, xp, sq);
+    index_t next = -1, nw = 0;  // element offset of the next chunk from each token's x, and its length
+    if (k0 + chunk < K)
+      next = k0 + chunk, nw = K - k0 - chunk < chunk ? K - k0 - chunk : chunk;
+    else if (more)
+      next = 8 * K, nw = K < chunk ? K : chunk;
+    const index_t lines = (nw * index_t(sizeof(T)) + 63) / 64, per = (8 * lines + groups - 1) / groups;
+    int pa = 0;  // the token and line the next prefetch is for
+    index_t pl = 0;
+    auto prefetch = [&]() MHC_ALWAYS_INLINE_LAMBDA {
+      for (index_t n = 0; n < per && pa < 8; ++n) {
+        _mm_prefetch(reinterpret_cast<const char*>(x[pa] + next) + pl * 64, _MM_HINT_NTA);
+        if (++pl == lines) pl = 0, ++pa;
+      }
+    };
+    int j = 0;
+    for (; j + R <= M; j += R) {
+      if (next >= 0) prefetch();
+      project_8xR_avx512<R, M>(phi + index_t(j) * K + k0, K, xp, full, acc, j);
+    }
+    if constexpr (M % R != 0) {
+      if (next >= 0) prefetch();
+      project_8xR_avx512<M % R, M>(phi + index_t(j) * K + k0, K, xp, full, acc, j);
+    }
+    if (full < w) project_block_tail<M>(x, K, phi, k0 + full, w - full, acc, sq);
+  }
+}
+
 /// project_tokens with the AVX2 kernel (fp32 compute) for nt <= projection_block tokens: the same
 /// bits. Chunk by chunk of the elements, four tokens at a time: each token's chunk is copied to a
 /// padded buffer (the rows of R and phi lie a multiple of 4 KiB apart and would share L1 sets), then
@@ -234,8 +372,8 @@ MHC_TARGET_AVX2 MHC_INLINE void load_chunks4_avx2(const T* const* x, index_t k0,
 /// next one to copy (of the next four tokens, the next chunk, or with `more` the next block's
 /// tokens, which follow these in memory) is prefetched.
 template <int M, class T>
-MHC_TARGET_AVX2 void project_tokens_avx2(const T* const* x, int nt, index_t K, const float* phi, float* u,
-                                         float* s, bool more) {
+MHC_TARGET_AVX2 void project_tokens_avx2(const T* const* x, int nt, index_t K, const float* phi, float* u, float* s,
+                                         bool more) {
   constexpr int W = scalar::projection_lanes, TB = projection_tokens, NB = projection_block;
   constexpr index_t chunk = scalar::projection_chunk, pad = chunk_buffer_pad;
   static_assert(W == 8 && TB == 4, "the kernel holds eight lanes of four tokens");
@@ -250,68 +388,73 @@ MHC_TARGET_AVX2 void project_tokens_avx2(const T* const* x, int nt, index_t K, c
   const float* xs[TB] = {xb[0], xb[1], xb[2], xb[3]};
   constexpr int pairs = M / 2 > 0 ? M / 2 : 1;
   const bool wide = avx512vl_kernels();
-  for (index_t k0 = 0; k0 < K; k0 += chunk) {
-    const index_t w = K - k0 < chunk ? K - k0 : chunk, full = w / 8 * 8;
-    for (int g = 0; g < nt; g += TB) {
-      const int ng = nt - g < TB ? nt - g : TB;
-      const T* const* xg = x + g;
-      float(*ag)[M][W] = acc + g;
-      if (ng == TB)
-        load_chunks4_avx2(xg, k0, w, xb, sq + g);
-      else
-        for (int a = 0; a < ng; ++a) load_chunk_avx2(xg[a] + k0, w, xb[a], sq[g + a]);
-      // What to prefetch, a few lines before each row pair: the chunk the next copy reads.
-      const T* next[TB] = {};
-      index_t nw = 0;
-      if (g + TB < nt) {
-        const int nn = nt - g - TB < TB ? nt - g - TB : TB;
-        for (int a = 0; a < nn; ++a) next[a] = x[g + TB + a] + k0;
-        nw = w;
-      } else if (k0 + chunk < K) {
-        for (int a = 0; a < TB && a < nt; ++a) next[a] = x[a] + k0 + chunk;
-        nw = K - k0 - chunk < chunk ? K - k0 - chunk : chunk;
-      } else if (more) {  // the next block: token a at x[a] + nt * K
-        for (int a = 0; a < TB && a < nt; ++a) next[a] = x[a] + index_t(nt) * K;
-        nw = K < chunk ? K : chunk;
-      }
-      const index_t lines = (nw * index_t(sizeof(T)) + 63) / 64, per = (lines + pairs - 1) / pairs;
-      auto prefetch = [&](int j, int rows) MHC_ALWAYS_INLINE_LAMBDA {
-        const index_t l0 = index_t(j / 2) * per, e = l0 + index_t(rows / 2) * per, l1 = e < lines ? e : lines;
-        for (int a = 0; a < TB; ++a)
-          if (next[a] != nullptr)
-            for (index_t l = l0; l < l1; ++l)
-              _mm_prefetch(reinterpret_cast<const char*>(next[a]) + l * 64, _MM_HINT_NTA);
-      };
-      if (ng == TB) {
-        int j = 0;
-        for (; wide && j + 4 <= M; j += 4) {
-          prefetch(j, 4);
-          const float* p[4] = {phi + index_t(j) * K + k0, phi + index_t(j + 1) * K + k0,
-                               phi + index_t(j + 2) * K + k0, phi + index_t(j + 3) * K + k0};
-          float* const c[4][4] = {{ag[0][j], ag[1][j], ag[2][j], ag[3][j]},
-                                  {ag[0][j + 1], ag[1][j + 1], ag[2][j + 1], ag[3][j + 1]},
-                                  {ag[0][j + 2], ag[1][j + 2], ag[2][j + 2], ag[3][j + 2]},
-                                  {ag[0][j + 3], ag[1][j + 3], ag[2][j + 3], ag[3][j + 3]}};
-          project_4x4_avx512vl(p, xs, full, c);
-          for (int a = 0; a < TB && full < w; ++a)  // the tail continues the same lanes
-            for (int r = 0; r < 4; ++r) scalar::project_row(p[r] + full, xb[a] + full, w - full, ag[a][j + r]);
+  if (wide && nt == NB) {
+    static_assert(NB == 8, "the 512-bit kernel holds a block of eight tokens");
+    project_block_avx512<M>(x, K, phi, acc, sq, more);
+  } else {
+    for (index_t k0 = 0; k0 < K; k0 += chunk) {
+      const index_t w = K - k0 < chunk ? K - k0 : chunk, full = w / 8 * 8;
+      for (int g = 0; g < nt; g += TB) {
+        const int ng = nt - g < TB ? nt - g : TB;
+        const T* const* xg = x + g;
+        float(*ag)[M][W] = acc + g;
+        if (ng == TB)
+          load_chunks4_avx2(xg, k0, w, xb, sq + g);
+        else
+          for (int a = 0; a < ng; ++a) load_chunk_avx2(xg[a] + k0, w, xb[a], sq[g + a]);
+        // What to prefetch, a few lines before each row pair: the chunk the next copy reads.
+        const T* next[TB] = {};
+        index_t nw = 0;
+        if (g + TB < nt) {
+          const int nn = nt - g - TB < TB ? nt - g - TB : TB;
+          for (int a = 0; a < nn; ++a) next[a] = x[g + TB + a] + k0;
+          nw = w;
+        } else if (k0 + chunk < K) {
+          for (int a = 0; a < TB && a < nt; ++a) next[a] = x[a] + k0 + chunk;
+          nw = K - k0 - chunk < chunk ? K - k0 - chunk : chunk;
+        } else if (more) {  // the next block: token a at x[a] + nt * K
+          for (int a = 0; a < TB && a < nt; ++a) next[a] = x[a] + index_t(nt) * K;
+          nw = K < chunk ? K : chunk;
         }
-        for (; j + 2 <= M; j += 2) {
-          prefetch(j, 2);
-          const float *p = phi + index_t(j) * K + k0, *q = phi + index_t(j + 1) * K + k0;
-          float* c0[TB] = {ag[0][j], ag[1][j], ag[2][j], ag[3][j]};
-          float* c1[TB] = {ag[0][j + 1], ag[1][j + 1], ag[2][j + 1], ag[3][j + 1]};
-          project_4x2_avx2(p, q, xs, full, c0, c1);
-          for (int a = 0; a < TB && full < w; ++a) {  // the tail continues the same lanes
-            scalar::project_row(p + full, xb[a] + full, w - full, ag[a][j]);
-            scalar::project_row(q + full, xb[a] + full, w - full, ag[a][j + 1]);
+        const index_t lines = (nw * index_t(sizeof(T)) + 63) / 64, per = (lines + pairs - 1) / pairs;
+        auto prefetch = [&](int j, int rows) MHC_ALWAYS_INLINE_LAMBDA {
+          const index_t l0 = index_t(j / 2) * per, e = l0 + index_t(rows / 2) * per, l1 = e < lines ? e : lines;
+          for (int a = 0; a < TB; ++a)
+            if (next[a] != nullptr)
+              for (index_t l = l0; l < l1; ++l)
+                _mm_prefetch(reinterpret_cast<const char*>(next[a]) + l * 64, _MM_HINT_NTA);
+        };
+        if (ng == TB) {
+          int j = 0;
+          for (; wide && j + 4 <= M; j += 4) {
+            prefetch(j, 4);
+            const float* p[4] = {phi + index_t(j) * K + k0, phi + index_t(j + 1) * K + k0,
+                                 phi + index_t(j + 2) * K + k0, phi + index_t(j + 3) * K + k0};
+            float* const c[4][4] = {{ag[0][j], ag[1][j], ag[2][j], ag[3][j]},
+                                    {ag[0][j + 1], ag[1][j + 1], ag[2][j + 1], ag[3][j + 1]},
+                                    {ag[0][j + 2], ag[1][j + 2], ag[2][j + 2], ag[3][j + 2]},
+                                    {ag[0][j + 3], ag[1][j + 3], ag[2][j + 3], ag[3][j + 3]}};
+            project_4x4_avx512vl(p, xs, full, c);
+            for (int a = 0; a < TB && full < w; ++a)  // the tail continues the same lanes
+              for (int r = 0; r < 4; ++r) scalar::project_row(p[r] + full, xb[a] + full, w - full, ag[a][j + r]);
           }
+          for (; j + 2 <= M; j += 2) {
+            prefetch(j, 2);
+            const float *p = phi + index_t(j) * K + k0, *q = phi + index_t(j + 1) * K + k0;
+            float* c0[TB] = {ag[0][j], ag[1][j], ag[2][j], ag[3][j]};
+            float* c1[TB] = {ag[0][j + 1], ag[1][j + 1], ag[2][j + 1], ag[3][j + 1]};
+            project_4x2_avx2(p, q, xs, full, c0, c1);
+            for (int a = 0; a < TB && full < w; ++a) {  // the tail continues the same lanes
+              scalar::project_row(p + full, xb[a] + full, w - full, ag[a][j]);
+              scalar::project_row(q + full, xb[a] + full, w - full, ag[a][j + 1]);
+            }
+          }
+          for (; j < M; ++j)
+            for (int a = 0; a < TB; ++a) scalar::project_row(phi + index_t(j) * K + k0, xb[a], w, ag[a][j]);
+        } else {
+          for (int a = 0; a < ng; ++a)
+            for (int j = 0; j < M; ++j) scalar::project_row(phi + index_t(j) * K + k0, xb[a], w, ag[a][j]);
         }
-        for (; j < M; ++j)
-          for (int a = 0; a < TB; ++a) scalar::project_row(phi + index_t(j) * K + k0, xb[a], w, ag[a][j]);
-      } else {
-        for (int a = 0; a < ng; ++a)
-          for (int j = 0; j < M; ++j) scalar::project_row(phi + index_t(j) * K + k0, xb[a], w, ag[a][j]);
       }
     }
   }
@@ -326,8 +469,7 @@ MHC_TARGET_AVX2 void project_tokens_avx2(const T* const* x, int nt, index_t K, c
 /// every isa). `more`: nt == projection_block and the next projection_block tokens follow these in
 /// memory (a prefetch hint).
 template <int M, class T, class F>
-inline void project_tokens(cpu_isa isa, const T* const* x, int nt, index_t K, const F* phi, F* u, F* s,
-                           bool more) {
+inline void project_tokens(cpu_isa isa, const T* const* x, int nt, index_t K, const F* phi, F* u, F* s, bool more) {
 #if MHC_HAVE_AVX2_KERNELS
   if constexpr (std::is_same_v<F, float>)
     if (isa == cpu_isa::avx2) return project_tokens_avx2<M>(x, nt, K, phi, u, s, more);
@@ -409,8 +551,8 @@ MHC_TARGET_AVX2 void projection_input_grad_avx2(const float* gu, const float* ph
   if (full < w) scalar::projection_input_grad<M>(gu, phi, K, k0 + full, w - full, x + full, gs, out + full);
   const __m256 two = _mm256_set1_ps(2.0f), g = _mm256_set1_ps(gs);
   for (index_t l = 0; l < full; l += 8)
-    _mm256_storeu_ps(out + l, _mm256_add_ps(_mm256_loadu_ps(out + l),
-                                            _mm256_mul_ps(_mm256_mul_ps(two, load8_avx2(x + l)), g)));
+    _mm256_storeu_ps(out + l,
+                     _mm256_add_ps(_mm256_loadu_ps(out + l), _mm256_mul_ps(_mm256_mul_ps(two, load8_avx2(x + l)), g)));
 }
 #endif
 
