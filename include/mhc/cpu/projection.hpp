@@ -724,17 +724,56 @@ MHC_TARGET_AVX2 MHC_INLINE void grad_phi_tile_avx2(const float* g, const float* 
   for (int q = 0; q < NR; ++q) _mm256_store_ps(acc + q * RW, a[q][0]), _mm256_store_ps(acc + q * RW + 8, a[q][1]);
 }
 
+/// grad_phi_tile_avx2 with 512-bit registers for 32 columns: 2 * NR accumulators (of AVX-512's 32
+/// registers) stay in registers through the tokens, each load of x feeds NR rows. Per element the
+/// same product, then the same sum, tokens in order: the same bits.
+template <int NR, int M, index_t XW, index_t RW>
+MHC_TARGET_AVX512VL MHC_INLINE void grad_phi_tile_avx512(const float* g, const float* xb, int nt, float* acc) {
+  __m512 a[NR][2];
+#pragma GCC unroll 12
+  for (int q = 0; q < NR; ++q) a[q][0] = _mm512_load_ps(acc + q * RW), a[q][1] = _mm512_load_ps(acc + q * RW + 16);
+  for (int t = 0; t < nt; ++t, g += M, xb += XW) {
+    const __m512 x0 = _mm512_load_ps(xb), x1 = _mm512_load_ps(xb + 16);
+#pragma GCC unroll 12
+    for (int q = 0; q < NR; ++q) {
+      const __m512 gb = _mm512_set1_ps(g[q]);
+      __m512 m0 = _mm512_mul_ps(gb, x0), m1 = _mm512_mul_ps(gb, x1);
+      MHC_KEEP_IN_REGISTER(m0);  // a product, then a sum: never one fused multiply-add
+      MHC_KEEP_IN_REGISTER(m1);
+      a[q][0] = _mm512_add_ps(a[q][0], m0);
+      a[q][1] = _mm512_add_ps(a[q][1], m1);
+    }
+  }
+#pragma GCC unroll 12
+  for (int q = 0; q < NR; ++q) _mm512_store_ps(acc + q * RW, a[q][0]), _mm512_store_ps(acc + q * RW + 16, a[q][1]);
+}
+
+/// The tile step of accumulate_grad_phi_block_avx2 with 512-bit registers: acc[j][0..B) += g[t*M + j]
+/// * xb[t][0..B) for all M rows and the nt tokens of the tile, 32 columns by 12 rows at a time.
+template <int M, index_t B>
+MHC_TARGET_AVX512VL void grad_phi_tiles_avx512(const float* g, const float* xb, int nt, float* acc) {
+  static_assert(B % 32 == 0, "the kernel takes 32 columns at a time");
+  constexpr int NR = 12;
+  int j0 = 0;
+  for (; j0 + NR <= M; j0 += NR)
+    for (index_t l = 0; l < B; l += 32) grad_phi_tile_avx512<NR, M, B, B>(g + j0, xb + l, nt, acc + j0 * B + l);
+  if constexpr (M % NR != 0)
+    for (index_t l = 0; l < B; l += 32) grad_phi_tile_avx512<M % NR, M, B, B>(g + j0, xb + l, nt, acc + j0 * B + l);
+}
+
 /// accumulate_grad_phi_block with AVX2, the same bits (every element from zero, tokens added in order,
 /// g = gz * r then g * x then the sum). A tile of tokens at a time is converted to a buffer (in place,
 /// the rows of R lie a multiple of 4 KiB apart and share the L1 sets), then each 16 columns by 6 rows
-/// of accumulators go through the tile's tokens in registers: each load of x feeds 6 rows.
+/// of accumulators go through the tile's tokens in registers: each load of x feeds 6 rows (with
+/// AVX-512, grad_phi_tiles_avx512: 32 columns by 12 rows).
 template <int M, class T>
 MHC_TARGET_AVX2 void accumulate_grad_phi_block_avx2(index_t tokens, index_t K, const T* R, const float* gz,
                                                     const float* r, index_t k0, index_t w, float* gphi) {
   constexpr index_t B = grad_phi_block;
   constexpr int TT = 64, NR = 6;
-  alignas(32) float acc[M][B];
-  alignas(32) float xb[TT][B];
+  alignas(64) float acc[M][B];
+  alignas(64) float xb[TT][B];
+  const bool wide = avx512vl_kernels();
   float g[TT * M];
   for (int j = 0; j < M; ++j)
     for (index_t l = 0; l < B; ++l) acc[j][l] = 0.0f;
@@ -748,6 +787,10 @@ MHC_TARGET_AVX2 void accumulate_grad_phi_block_avx2(index_t tokens, index_t K, c
       for (; l < w; ++l) xb[a][l] = storage_traits<T>::load(x[l]);
       for (; l < B; ++l) xb[a][l] = 0.0f;  // padding columns, never stored
       for (int j = 0; j < M; ++j) g[a * M + j] = gz[(t0 + a) * M + j] * r[t0 + a];
+    }
+    if (wide) {
+      grad_phi_tiles_avx512<M, B>(g, xb[0], nt, acc[0]);
+      continue;
     }
     int j0 = 0;
     for (; j0 + NR <= M; j0 += NR)
