@@ -581,7 +581,7 @@ struct phi_panel {
   const F* phi = nullptr;
   index_t K = 0, k0 = 0, w = 0;
   bool packed = false;
-  alignas(32) F v[W * M];
+  alignas(64) F v[W * M];
 
   /// Takes phi[j][k0 .. k0 + w) for j < M (w <= W), packed where `isa`'s kernel reads it so and
   /// `tokens` (those that will use the panel) fill at least one group of the multi-token kernel (for
@@ -654,6 +654,73 @@ MHC_TARGET_AVX2 void projection_input_grad4_avx2(const phi_panel<M, float, W>& p
 }
 #endif
 
+/// Sixteen values of x as floats in a 512-bit register (as load8_avx2).
+template <class T>
+MHC_TARGET_AVX512VL MHC_INLINE __m512 load16_avx512(const T* x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(x);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    // (the zero-masking forms: the plain ones start from an undefined vector, which GCC 12 warns about)
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, h), 16));
+  }
+}
+
+/// Elements [l, l + 16G) of projection_input_grad4_avx512: four tokens by G packed groups of 16
+/// elements in 4G accumulators through all M rows.
+template <int G, int M, index_t W, class T>
+MHC_TARGET_AVX512VL MHC_INLINE void input_grad4_groups_avx512(const phi_panel<M, float, W>& pn, const float* gu,
+                                                              const T* const* x, const float* gs, float* const* out,
+                                                              index_t l) {
+  __m512 acc[4][G];
+#pragma GCC unroll 4
+  for (int a = 0; a < 4; ++a)
+#pragma GCC unroll 2
+    for (int v = 0; v < G; ++v) acc[a][v] = _mm512_setzero_ps();
+  const float* p = pn.v + l * M;
+  for (int j = 0; j < M; ++j, p += 16) {
+    __m512 q[G];
+#pragma GCC unroll 2
+    for (int v = 0; v < G; ++v) q[v] = _mm512_load_ps(p + v * 16 * M);
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; ++a) {
+      const __m512 g = _mm512_set1_ps(gu[a * M + j]);
+#pragma GCC unroll 2
+      for (int v = 0; v < G; ++v) {
+        __m512 m = _mm512_mul_ps(g, q[v]);
+        MHC_KEEP_IN_REGISTER(m);  // a product, then a sum: never one fused multiply-add
+        acc[a][v] = _mm512_add_ps(acc[a][v], m);
+      }
+    }
+  }
+  const __m512 two = _mm512_set1_ps(2.0f);
+#pragma GCC unroll 4
+  for (int a = 0; a < 4; ++a) {
+    const __m512 g = _mm512_set1_ps(gs[a]);
+#pragma GCC unroll 2
+    for (int v = 0; v < G; ++v) {
+      __m512 sx = _mm512_mul_ps(_mm512_mul_ps(two, load16_avx512(x[a] + l + 16 * v)), g);
+      MHC_KEEP_IN_REGISTER(sx);
+      _mm512_storeu_ps(out[a] + l + 16 * v, _mm512_add_ps(acc[a][v], sx));
+    }
+  }
+}
+
+/// projection_input_grad4_avx2 with 512-bit registers: four tokens by 32 elements (two packed groups
+/// of 16) in eight accumulators through all M rows. The same order per element: the same bits.
+template <int M, index_t W, class T>
+MHC_TARGET_AVX512VL void projection_input_grad4_avx512(const phi_panel<M, float, W>& pn, const float* gu,
+                                                       const T* const* x, const float* gs, float* const* out) {
+  const index_t w = pn.w, full = w / 16 * 16;
+  index_t l = 0;
+  for (; l + 32 <= full; l += 32) input_grad4_groups_avx512<2>(pn, gu, x, gs, out, l);
+  if (l < full) input_grad4_groups_avx512<1>(pn, gu, x, gs, out, l);
+  if (full < w)
+    for (int a = 0; a < 4; ++a)
+      scalar::projection_input_grad<M>(gu + a * M, pn.phi, pn.K, pn.k0 + full, w - full, x[a] + full, gs[a],
+                                       out[a] + full);
+}
+
 /// projection_input_grad over a panel for nt <= input_grad_tokens tokens with the kernels of `isa`
 /// (token a: coefficients gu + a*M, its input from element k0 at x[a], gs[a], out[a]): the same bits
 /// as one call per token.
@@ -662,7 +729,9 @@ inline void projection_input_grad_tokens(cpu_isa isa, const phi_panel<M, F, W>& 
                                          const T* const* x, const F* gs, F* const* out) {
 #if MHC_HAVE_AVX2_KERNELS
   if constexpr (std::is_same_v<F, float>)
-    if (pn.packed && nt == input_grad_tokens) return projection_input_grad4_avx2<M, W>(pn, gu, x, gs, out);
+    if (pn.packed && nt == input_grad_tokens)
+      return avx512vl_kernels() ? projection_input_grad4_avx512<M, W>(pn, gu, x, gs, out)
+                                : projection_input_grad4_avx2<M, W>(pn, gu, x, gs, out);
 #endif
   for (int a = 0; a < nt; ++a)
     projection_input_grad<M>(isa, gu + a * M, pn.phi, pn.K, pn.k0, pn.w, x[a], gs[a], out[a]);
