@@ -652,7 +652,6 @@ MHC_TARGET_AVX2 void projection_input_grad4_avx2(const phi_panel<M, float, W>& p
       scalar::projection_input_grad<M>(gu + a * M, pn.phi, pn.K, pn.k0 + full, w - full, x[a] + full, gs[a],
                                        out[a] + full);
 }
-#endif
 
 /// Sixteen values of x as floats in a 512-bit register (as load8_avx2).
 template <class T>
@@ -720,6 +719,7 @@ MHC_TARGET_AVX512VL void projection_input_grad4_avx512(const phi_panel<M, float,
       scalar::projection_input_grad<M>(gu + a * M, pn.phi, pn.K, pn.k0 + full, w - full, x[a] + full, gs[a],
                                        out[a] + full);
 }
+#endif
 
 /// projection_input_grad over a panel for nt <= input_grad_tokens tokens with the kernels of `isa`
 /// (token a: coefficients gu + a*M, its input from element k0 at x[a], gs[a], out[a]): the same bits
