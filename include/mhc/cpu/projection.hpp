@@ -737,8 +737,11 @@ inline void projection_input_grad_tokens(cpu_isa isa, const phi_panel<M, F, W>& 
     projection_input_grad<M>(isa, gu + a * M, pn.phi, pn.K, pn.k0, pn.w, x[a], gs[a], out[a]);
 }
 
-/// Columns of grad_phi accumulate_grad_phi_block handles at once.
-inline constexpr index_t grad_phi_block = 64;
+/// Columns of grad_phi accumulate_grad_phi_block handles at once. It reads each token's row of R in
+/// runs of this many elements, rows K apart, which the hardware prefetchers do not follow: 128
+/// columns (512 bytes of fp32) took 15-17% less time than 64 at C = 4096 (256 columns: no gain, the
+/// tile buffer no longer fits L1).
+inline constexpr index_t grad_phi_block = 128;
 
 /// The generic loop of accumulate_grad_phi_block: four tokens per pass over the accumulators.
 template <int M, class T, class F>
@@ -850,6 +853,9 @@ MHC_TARGET_AVX2 void accumulate_grad_phi_block_avx2(index_t tokens, index_t K, c
     const int nt = int(tokens - t0 < TT ? tokens - t0 : TT);
     for (int a = 0; a < nt; ++a) {
       const T* x = R + (t0 + a) * K + k0;
+      if (t0 + TT + a < tokens)  // the same row of the next tile (6-10% faster than without)
+        for (index_t o = 0; o < w * index_t(sizeof(T)); o += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(x + TT * K) + o, _MM_HINT_T0);
       index_t l = 0;
       if (w == B)
         for (; l < B; l += 8) _mm256_store_ps(xb[a] + l, load8_avx2(x + l));
