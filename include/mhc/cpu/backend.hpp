@@ -418,7 +418,7 @@ struct backend_traits<cpu> {
           for (int a = 0; a < nt; ++a) {
             const index_t t = t0 + a;
             F gpre[N];
-            scalar::grad_pre<N>(R + t * K, gy_in + t * C, C, gpre);
+            detail::grad_pre<N>(be.isa(), R + t * K, gy_in + t * C, C, gpre);
             gates_backward_token<N, Mapping>(u + t * M, r[t], alpha, bias, cfg, gpre, gpost + t * N, gcomb + t * N * N,
                                              gz + t * M, gb + t * M, ga3 + t * 3, scratch + w * per_worker);
             gs[a] = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu + a * M);
@@ -576,7 +576,7 @@ struct backend_traits<cpu> {
         const T* x = R + t * K;
         const T* go = gout + t * C;
         F gh[N];
-        scalar::grad_pre<N>(x, go, C, gh);
+        detail::grad_pre<N>(be.isa(), x, go, C, gh);
         ga1[t] = scalar::head_gates_backward<N>(gh, u + t * N, r[t], alpha, bias, gz + t * N, gb + t * N);
         F gu[N];
         const F gs = scalar::projection_backward_coeffs<N>(gz + t * N, u + t * N, r[t], K, gu);

@@ -462,7 +462,49 @@ MHC_TARGET_AVX2 void pre_apply_backward_avx2(const float* pre, const T* R, const
   for (int m = 0; m < N; ++m) gpre[m] = combine_lanes_avx2(acc[m]);
 }
 
+/// scalar::grad_pre with AVX2 (the same bits): gpre[m] = sum_c gy[c] R[m][c], element c in lane c % 8,
+/// each lane in increasing c, the N streams' lane sums side by side (N independent chains of
+/// additions, and N + 1 rows read at once) and gy converted once per column.
+template <int N, class T>
+MHC_TARGET_AVX2 void grad_pre_avx2(const T* R, const T* gy, index_t C, float* gpre) {
+  constexpr int W = scalar::projection_lanes;
+  static_assert(W == 8, "one 256-bit vector holds the eight lanes");
+  __m256 acc[N];
+  for (int m = 0; m < N; ++m) acc[m] = _mm256_setzero_ps();
+  const index_t full = C / W * W;
+  for (index_t c = 0; c < full; c += W) {
+    const __m256 g = load8_avx2(gy + c);
+    _Pragma("GCC unroll 16")
+    for (int m = 0; m < N; ++m) {
+      __m256 p = _mm256_mul_ps(g, load8_avx2(R + index_t(m) * C + c));
+      MHC_KEEP_IN_REGISTER(p);
+      acc[m] = _mm256_add_ps(acc[m], p);
+    }
+  }
+  if (full < C) {  // the last C - full columns, lane c - full (as grad_pre_block)
+    alignas(32) float a[N][W];
+    for (int m = 0; m < N; ++m) _mm256_store_ps(a[m], acc[m]);
+    for (index_t c = full; c < C; ++c) {
+      const float g = storage_traits<T>::load(gy[c]);
+      for (int m = 0; m < N; ++m) a[m][c - full] += g * storage_traits<T>::load(R[index_t(m) * C + c]);
+    }
+    for (int m = 0; m < N; ++m) acc[m] = _mm256_load_ps(a[m]);
+  }
+  for (int m = 0; m < N; ++m) gpre[m] = combine_lanes_avx2(acc[m]);
+}
+
 #endif  // MHC_HAVE_AVX2_KERNELS
+
+/// scalar::grad_pre with the kernels of `isa` (the same bits for every isa).
+template <int N, class T, class F>
+inline void grad_pre(cpu_isa isa, const T* R, const T* gy, index_t C, F* gpre) {
+#if MHC_HAVE_AVX2_KERNELS
+  if constexpr (std::is_same_v<F, float>)
+    if (isa == cpu_isa::avx2) return grad_pre_avx2<N>(R, gy, C, gpre);
+#endif
+  (void)isa;
+  scalar::grad_pre<N>(R, gy, C, gpre);
+}
 
 }  // namespace detail
 }  // namespace mhc
