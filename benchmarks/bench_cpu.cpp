@@ -94,6 +94,11 @@ double seconds_of(const std::function<void()>& f, int reps) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
 }
 
+/// Timed trials of each roofline measurement, the fastest kept: on a shared host one slow stretch of
+/// a few milliseconds (5 trials of a 512^3 GEMM last about 10 ms) once halved the GEMM roofline and
+/// doubled every projection step's fraction; 25 trials (about 0.6 s for the copy) make that unlikely.
+constexpr int roofline_trials = 25;
+
 /// Copy bandwidth with the backend's threads, counting bytes read plus bytes written.
 double copy_bandwidth() {
   static double bw = [] {
@@ -105,7 +110,7 @@ double copy_bandwidth() {
       });
     };
     double best = 1e30;
-    for (int i = 0; i < 5; ++i) best = std::min(best, seconds_of(f, 1));
+    for (int i = 0; i < roofline_trials; ++i) best = std::min(best, seconds_of(f, 1));
     return 2.0 * double(bytes) / best;
   }();
   return bw;
@@ -141,7 +146,7 @@ double gemm_throughput_of(bool avx2_fma) {
     });
   };
   double best = 1e30;
-  for (int i = 0; i < 5; ++i) best = std::min(best, seconds_of(f, 2));
+  for (int i = 0; i < roofline_trials; ++i) best = std::min(best, seconds_of(f, 2));
   return 2.0 * double(n) * n * n * threads / best;
 }
 
