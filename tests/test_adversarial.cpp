@@ -375,7 +375,8 @@ TEST(Determinism, LayerForwardBackwardAcrossThreadCounts) {
 }
 
 // The standalone ops not covered by the layer path, the same way.
-/// Every output of the standalone ops (expand, Sinkhorn backward, head and its backward) with `threads`
+/// Every output of the standalone ops (expand, Sinkhorn backward, head and its backward, the projection
+/// and its backward) with `threads`
 /// threads and the kernels of `isa`, concatenated.
 std::vector<float> standalone_outputs(int threads, mhc::cpu_isa isa, index_t C) {
   constexpr int n = 4;
@@ -401,8 +402,19 @@ std::vector<float> standalone_outputs(int threads, mhc::cpu_isa isa, index_t C) 
     std::vector<float> hws(std::size_t(mhc::ops::head_backward_workspace_size<n, float>(be, tokens)));
     mhc::ops::head_backward<n, float>(be, {tokens, C}, cv(R), cv(phi_head), 0.5, cv(bias_head), cv(hw), cv(hp), cv(hr),
                                       cv(gout), mv(gRh), mv(gphi), mv(ga), mv(gb), mv(hws));
+    // The projection and its backward with n(n+2) = 24 rows (the fused ops cover them through the
+    // layer; here the standalone ops, with gR accumulated into).
+    constexpr int m = n * (n + 2);
+    const auto phi = mhc_test::to<float>(mhc_test::normal(std::size_t(m * K), 1e-2, 14));
+    const auto gz = mhc_test::to<float>(mhc_test::normal(std::size_t(tokens * m), 1.0, 15));
+    std::vector<float> proj(std::size_t(tokens * m)), rstd(static_cast<std::size_t>(tokens)), gRp(gR),
+        gphip(phi.size());
+    mhc::ops::projection<n, float>(be, {tokens, C}, cv(R), cv(phi), 1e-6, mv(proj), mv(rstd));
+    mhc::ops::projection_backward<n, float>(be, {tokens, C}, cv(R), cv(phi), cv(proj), cv(rstd), cv(gz), mv(gRp),
+                                            mv(gphip));
     std::vector<float> all;
-    for (const auto* v : {&e, &eb, &gL, &out, &hw, &hp, &hr, &gRh, &gphi, &ga, &gb}) all.insert(all.end(), v->begin(), v->end());
+    for (const auto* v : {&e, &eb, &gL, &out, &hw, &hp, &hr, &gRh, &gphi, &ga, &gb, &proj, &rstd, &gRp, &gphip})
+      all.insert(all.end(), v->begin(), v->end());
     return all;
   }
 }
@@ -417,10 +429,16 @@ TEST(Determinism, StandaloneOpsAcrossThreadCounts) {
 // 1024-element chunks with a tail).
 TEST(Determinism, StandaloneOpsAcrossInstructionSets) {
   if (!mhc::cpu_isa_supported(mhc::cpu_isa::avx2)) GTEST_SKIP() << "this processor or build has no AVX2 kernels";
-  for (index_t C : {40, 1100})
-    EXPECT_TRUE(mhc_test::bit_equal(standalone_outputs(1, mhc::cpu_isa::baseline, C),
-                                    standalone_outputs(2, mhc::cpu_isa::avx2, C)))
-        << "C = " << C;
+  for (index_t C : {40, 1100}) {
+    const auto baseline = standalone_outputs(1, mhc::cpu_isa::baseline, C);
+    EXPECT_TRUE(mhc_test::bit_equal(baseline, standalone_outputs(2, mhc::cpu_isa::avx2, C))) << "C = " << C;
+    if (mhc::detail::avx512vl_supported()) {  // the plain AVX2 variants as well as the AVX-512 ones
+      mhc::detail::avx512vl_allowed = false;
+      EXPECT_TRUE(mhc_test::bit_equal(baseline, standalone_outputs(2, mhc::cpu_isa::avx2, C)))
+          << "C = " << C << ", without AVX-512";
+      mhc::detail::avx512vl_allowed = true;
+    }
+  }
 }
 
 // pre_backward writes a large grad_residual with streaming stores, and in place (grad_residual ==

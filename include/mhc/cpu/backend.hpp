@@ -154,7 +154,6 @@ struct backend_traits<cpu> {
   template <int N, class T, class F>
   static void projection_backward(const cpu& be, shape s, const T* R, const F* phi, const F* u, const F* r,
                                   const F* gz, T* gR, F* gphi) {
-    using st = storage_traits<T>;
     constexpr int M = coeff_count<N>;
     const index_t K = N * s.hidden;
     be.parallel_for(s.tokens, token_grain(K * M), [&](index_t b, index_t e, int) {
@@ -179,10 +178,7 @@ struct backend_traits<cpu> {
               const T* xs[G];
               for (int q = 0; q < ng; ++q) pgs[q] = pg[q], xs[q] = R + (t0 + a + q) * K + k0;
               detail::projection_input_grad_tokens<M>(be.isa(), pn, ng, gu + a * M, xs, gs + a, pgs);
-              for (int q = 0; q < ng; ++q) {
-                T* g = gR + (t0 + a + q) * K + k0;
-                for (index_t l = 0; l < w; ++l) g[l] = st::store(st::load(g[l]) + pg[q][l]);
-              }
+              for (int q = 0; q < ng; ++q) detail::accumulate_row(be.isa(), gR + (t0 + a + q) * K + k0, pg[q], w);
             }
           }
         }
@@ -565,7 +561,6 @@ struct backend_traits<cpu> {
   template <int N, class T, class F>
   static void head_backward(const cpu& be, shape s, const T* R, const F* phi, F alpha, const F* bias, const F* h,
                             const F* u, const F* r, const T* gout, T* gR, F* gphi, F* galpha, F* gbias, F* ws) {
-    using st = storage_traits<T>;
     const index_t C = s.hidden, K = N * C, tokens = s.tokens;
     F* gz = ws;
     F* gb = gz + tokens * N;
@@ -587,11 +582,7 @@ struct backend_traits<cpu> {
           for (index_t c0 = 0; c0 < C; c0 += W) {
             const index_t w = std::min(W, C - c0), k0 = index_t(m) * C + c0;
             detail::projection_input_grad<N>(be.isa(), gu, phi, K, k0, w, x + k0, gs, pg);
-            for (index_t l = 0; l < w; ++l) {
-              F acc = st::load(out[k0 + l]) + h[t * N + m] * st::load(go[c0 + l]);
-              acc += pg[l];
-              out[k0 + l] = st::store(acc);
-            }
+            detail::head_update_row(be.isa(), out + k0, go + c0, h[t * N + m], pg, w);
           }
       }
       });
