@@ -639,8 +639,10 @@ MHC_TARGET_AVX2 void projection_input_grad4_avx2(const phi_panel<M, float, W>& p
       d1 = _mm256_add_ps(d1, _mm256_mul_ps(g, p1));
     }
     const __m256 acc[4][2] = {{a0, a1}, {b0, b1}, {c0, c1}, {d0, d1}};
+#pragma GCC unroll 4
     for (int a = 0; a < 4; ++a) {
       const __m256 g = _mm256_broadcast_ss(gs + a);
+#pragma GCC unroll 2
       for (int v = 0; v < 2; ++v) {
         const __m256 sx = _mm256_mul_ps(_mm256_mul_ps(two, load8_avx2(x[a] + l + 8 * v)), g);
         _mm256_storeu_ps(out[a] + l + 8 * v, _mm256_add_ps(acc[a][v], sx));
@@ -783,16 +785,21 @@ inline void accumulate_grad_phi_block(index_t tokens, index_t K, const T* R, con
 /// tokens t < nt in order: 16 columns by NR rows of accumulators stay in registers through the tokens.
 template <int NR, int M, index_t XW, index_t RW>
 MHC_TARGET_AVX2 MHC_INLINE void grad_phi_tile_avx2(const float* g, const float* xb, int nt, float* acc) {
+  // The loops over q are unrolled so that a[][] lives in registers (GCC at -O2 does not unroll them
+  // by itself and keeps the accumulators in memory).
   __m256 a[NR][2];
+#pragma GCC unroll 8
   for (int q = 0; q < NR; ++q) a[q][0] = _mm256_load_ps(acc + q * RW), a[q][1] = _mm256_load_ps(acc + q * RW + 8);
   for (int t = 0; t < nt; ++t, g += M, xb += XW) {
     const __m256 x0 = _mm256_load_ps(xb), x1 = _mm256_load_ps(xb + 8);
+#pragma GCC unroll 8
     for (int q = 0; q < NR; ++q) {
       const __m256 gb = _mm256_broadcast_ss(g + q);
       a[q][0] = _mm256_add_ps(a[q][0], _mm256_mul_ps(gb, x0));
       a[q][1] = _mm256_add_ps(a[q][1], _mm256_mul_ps(gb, x1));
     }
   }
+#pragma GCC unroll 8
   for (int q = 0; q < NR; ++q) _mm256_store_ps(acc + q * RW, a[q][0]), _mm256_store_ps(acc + q * RW + 8, a[q][1]);
 }
 
@@ -858,7 +865,11 @@ MHC_TARGET_AVX2 void accumulate_grad_phi_block_avx2(index_t tokens, index_t K, c
           _mm_prefetch(reinterpret_cast<const char*>(x + TT * K) + o, _MM_HINT_T0);
       index_t l = 0;
       if (w == B)
-        for (; l < B; l += 8) _mm256_store_ps(xb[a] + l, load8_avx2(x + l));
+        for (; l < B; l += 8) {
+          __m256 v = load8_avx2(x + l);
+          MHC_KEEP_IN_REGISTER(v);  // opaque: GCC -O2 would turn the fp32 copy into a rep movs
+          _mm256_store_ps(xb[a] + l, v);
+        }
       for (; l < w; ++l) xb[a][l] = storage_traits<T>::load(x[l]);
       for (; l < B; ++l) xb[a][l] = 0.0f;  // padding columns, never stored
       for (int j = 0; j < M; ++j) g[a * M + j] = gz[(t0 + a) * M + j] * r[t0 + a];
