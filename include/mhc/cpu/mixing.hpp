@@ -493,38 +493,45 @@ MHC_TARGET_AVX2 void grad_pre_avx2(const T* R, const T* gy, index_t C, float* gp
   for (int m = 0; m < N; ++m) gpre[m] = combine_lanes_avx2(acc[m]);
 }
 
-/// accumulate_row with AVX2: p[l] = load(g[l]) + p[l] eight at a time, then the AVX2 row writer.
+/// accumulate_row with AVX2, eight at a time: fp32 written straight back; bf16 sums into p, then the
+/// AVX2 row writer (its rounding).
 template <class T>
 MHC_TARGET_AVX2 void accumulate_row_avx2(T* g, float* p, index_t w) {
+  constexpr bool direct = std::is_same_v<T, float>;
+  float* dst = direct ? reinterpret_cast<float*>(g) : p;
   index_t l = 0;
-  for (; l + 8 <= w; l += 8) _mm256_storeu_ps(p + l, _mm256_add_ps(load8_avx2(g + l), _mm256_loadu_ps(p + l)));
-  for (; l < w; ++l) p[l] = storage_traits<T>::load(g[l]) + p[l];
-  store_row_avx2<false>(g, p, w);
+  for (; l + 8 <= w; l += 8) _mm256_storeu_ps(dst + l, _mm256_add_ps(load8_avx2(g + l), _mm256_loadu_ps(p + l)));
+  for (; l < w; ++l) dst[l] = storage_traits<T>::load(g[l]) + p[l];
+  if constexpr (!direct) store_row_avx2<false>(g, p, w);
 }
 
-/// head_update_row with AVX2: p[l] = (load(g[l]) + h load(go[l])) + p[l] eight at a time (the
-/// product kept opaque), then the AVX2 row writer.
+/// head_update_row with AVX2, eight at a time (the product kept opaque): fp32 written straight back;
+/// bf16 sums into p, then the AVX2 row writer (its rounding).
 template <class T>
 MHC_TARGET_AVX2 void head_update_row_avx2(T* g, const T* go, float h, float* p, index_t w) {
+  constexpr bool direct = std::is_same_v<T, float>;
+  float* dst = direct ? reinterpret_cast<float*>(g) : p;
   const __m256 hv = _mm256_set1_ps(h);
   index_t l = 0;
   for (; l + 8 <= w; l += 8) {
     __m256 q = _mm256_mul_ps(hv, load8_avx2(go + l));
     MHC_KEEP_IN_REGISTER(q);
-    _mm256_storeu_ps(p + l, _mm256_add_ps(_mm256_add_ps(load8_avx2(g + l), q), _mm256_loadu_ps(p + l)));
+    _mm256_storeu_ps(dst + l, _mm256_add_ps(_mm256_add_ps(load8_avx2(g + l), q), _mm256_loadu_ps(p + l)));
   }
-  for (; l < w; ++l) p[l] = (storage_traits<T>::load(g[l]) + h * storage_traits<T>::load(go[l])) + p[l];
-  store_row_avx2<false>(g, p, w);
+  for (; l < w; ++l) dst[l] = (storage_traits<T>::load(g[l]) + h * storage_traits<T>::load(go[l])) + p[l];
+  if constexpr (!direct) store_row_avx2<false>(g, p, w);
 }
 
 #endif  // MHC_HAVE_AVX2_KERNELS
 
 /// Whether T is a storage type the AVX2 row writer takes (fp32, bf16) with fp32 compute F.
 template <class T, class F>
-inline constexpr bool avx2_row_types = std::is_same_v<F, float> && (std::is_same_v<T, float> || std::is_same_v<T, bf16>);
+inline constexpr bool avx2_row_types =
+    std::is_same_v<F, float> && (std::is_same_v<T, float> || std::is_same_v<T, bf16>);
 
-/// g[l] = round(load(g[l]) + p[l]) for l < w (p holds the sums afterwards), with the kernels of `isa`
-/// (the same bits for every isa). The AVX2 loop is written out: GCC at -O2 leaves the plain one scalar.
+/// g[l] = round(load(g[l]) + p[l]) for l < w (p is scratch: it may be overwritten), with the kernels
+/// of `isa` (the same bits for every isa). The AVX2 loop is written out: GCC at -O2 leaves the plain
+/// one scalar.
 template <class T, class F>
 inline void accumulate_row(cpu_isa isa, T* g, F* p, index_t w) {
 #if MHC_HAVE_AVX2_KERNELS
@@ -536,8 +543,8 @@ inline void accumulate_row(cpu_isa isa, T* g, F* p, index_t w) {
   for (index_t l = 0; l < w; ++l) g[l] = st::store(st::load(g[l]) + p[l]);
 }
 
-/// g[l] = round((load(g[l]) + h load(go[l])) + p[l]) for l < w (head_backward's update of gR; p holds
-/// the sums afterwards), with the kernels of `isa` (the same bits for every isa).
+/// g[l] = round((load(g[l]) + h load(go[l])) + p[l]) for l < w (head_backward's update of gR; p is
+/// scratch: it may be overwritten), with the kernels of `isa` (the same bits for every isa).
 template <class T, class F>
 inline void head_update_row(cpu_isa isa, T* g, const T* go, F h, F* p, index_t w) {
 #if MHC_HAVE_AVX2_KERNELS
