@@ -611,6 +611,17 @@ constexpr index_t panel_width(int nb) {
 inline constexpr int backward_slab = 64;
 
 #if MHC_HAVE_AVX2_KERNELS
+/// The elements of a panel from `full` (past the last whole group of 16) for the four tokens of
+/// projection_input_grad4_avx2 / _avx512: the scalar kernel per token. Not inlined, so that these
+/// scalar sums are not compiled for a caller's FMA-capable target.
+template <int M, index_t W, class T>
+__attribute__((noinline)) void input_grad4_tail(const phi_panel<M, float, W>& pn, const float* gu, const T* const* x,
+                                                const float* gs, float* const* out, index_t full) {
+  for (int a = 0; a < 4; ++a)
+    scalar::projection_input_grad<M>(gu + a * M, pn.phi, pn.K, pn.k0 + full, pn.w - full, x[a] + full, gs[a],
+                                     out[a] + full);
+}
+
 /// projection_input_grad for four tokens at once with AVX2 (token a: gu + a*M, x[a], gs[a], out[a])
 /// over a packed panel: four tokens by 16 elements in registers through all M rows, so each load of
 /// phi feeds four tokens. The same order per element (from zero, j = 0..M-1, then (2 x) gs), so the
@@ -649,10 +660,7 @@ MHC_TARGET_AVX2 void projection_input_grad4_avx2(const phi_panel<M, float, W>& p
       }
     }
   }
-  if (full < w)
-    for (int a = 0; a < 4; ++a)
-      scalar::projection_input_grad<M>(gu + a * M, pn.phi, pn.K, pn.k0 + full, w - full, x[a] + full, gs[a],
-                                       out[a] + full);
+  if (full < w) input_grad4_tail(pn, gu, x, gs, out, full);
 }
 
 /// Sixteen values of x as floats in a 512-bit register (as load8_avx2).
@@ -716,10 +724,7 @@ MHC_TARGET_AVX512VL void projection_input_grad4_avx512(const phi_panel<M, float,
   index_t l = 0;
   for (; l + 32 <= full; l += 32) input_grad4_groups_avx512<2>(pn, gu, x, gs, out, l);
   if (l < full) input_grad4_groups_avx512<1>(pn, gu, x, gs, out, l);
-  if (full < w)
-    for (int a = 0; a < 4; ++a)
-      scalar::projection_input_grad<M>(gu + a * M, pn.phi, pn.K, pn.k0 + full, w - full, x[a] + full, gs[a],
-                                       out[a] + full);
+  if (full < w) input_grad4_tail(pn, gu, x, gs, out, full);
 }
 #endif
 
