@@ -177,7 +177,14 @@ struct backend_traits<cpu> {
               F* pgs[G];
               const T* xs[G];
               for (int q = 0; q < ng; ++q) pgs[q] = pg[q], xs[q] = R + (t0 + a + q) * K + k0;
-              detail::projection_input_grad_tokens<M>(be.isa(), pn, ng, gu + a * M, xs, gs + a, pgs);
+              // Prefetched as the kernel runs: the rows of R the next call reads, and these tokens'
+              // rows of gR, updated after it.
+              detail::prefetch_rows<T> pf;
+              const bool more = a + G < nt;
+              const index_t tn = more ? t0 + a + G : (k0 + W < K ? t0 : t0 + S), kn = more || k0 + W >= K ? k0 : k0 + W;
+              for (index_t q = 0; q < G && tn + q < e; ++q) pf.add(R + (tn + q) * K + (tn >= t0 + S ? 0 : kn));
+              for (int q = 0; q < ng; ++q) pf.add(gR + (t0 + a + q) * K + k0);
+              detail::projection_input_grad_tokens<M>(be.isa(), pn, ng, gu + a * M, xs, gs + a, pgs, pf);
               for (int q = 0; q < ng; ++q) detail::accumulate_row(be.isa(), gR + (t0 + a + q) * K + k0, pg[q], w);
             }
           }
@@ -429,7 +436,17 @@ struct backend_traits<cpu> {
                 F* pgs[G];
                 const T* xs[G];
                 for (int q = 0; q < ng; ++q) pgs[q] = pg[q][i], xs[q] = R + (t0 + a + q) * K + index_t(i) * C + c0;
-                detail::projection_input_grad_tokens<M>(be.isa(), pn[i], ng, gu + a * M, xs, gs + a, pgs);
+                // Prefetched as the kernel runs: the rows of R the next call reads (the next stream,
+                // else the next group's first), and what the mixing below reads of these tokens.
+                detail::prefetch_rows<T> pf;
+                const bool more = i + 1 < N, tail = !more && a + G >= nt;
+                const index_t tn = more ? t0 + a : tail ? t0 : t0 + a + G;
+                const index_t kn = more ? index_t(i + 1) * C + c0 : tail ? c0 + W : c0;
+                for (index_t q = 0; q < G && tn + q < e; ++q) pf.add(R + (tn + q) * K + kn);
+                for (int q = 0; q < ng; ++q) pf.add(gRout + (t0 + a + q) * K + index_t(i) * C + c0);
+                if (i == 0)
+                  for (int q = 0; q < ng; ++q) pf.add(gy_in + (t0 + a + q) * C + c0);
+                detail::projection_input_grad_tokens<M>(be.isa(), pn[i], ng, gu + a * M, xs, gs + a, pgs, pf);
               }
               for (int q = 0; q < ng; ++q) {
                 const index_t t = t0 + a + q;
@@ -581,6 +598,10 @@ struct backend_traits<cpu> {
         for (int m = 0; m < N; ++m)
           for (index_t c0 = 0; c0 < C; c0 += W) {
             const index_t w = std::min(W, C - c0), k0 = index_t(m) * C + c0;
+            // gR two blocks ahead (the rows follow one another in memory, into the next token's):
+            // its loads below stalled on memory without it (fp32 33 -> 24 ms at T = C = 4096).
+            for (index_t l = 0; l < W; l += 64 / index_t(sizeof(T)))
+              __builtin_prefetch(out + k0 + 2 * W + l, 1, 3);
             detail::projection_input_grad<N>(be.isa(), gu, phi, K, k0, w, x + k0, gs, pg);
             detail::head_update_row(be.isa(), out + k0, go + c0, h[t * N + m], pg, w);
           }

@@ -611,6 +611,26 @@ constexpr index_t panel_width(int nb) {
 inline constexpr int backward_slab = 64;
 
 #if MHC_HAVE_AVX2_KERNELS
+/// Rows of memory a four-token input-gradient kernel prefetches as it goes: at each element l of the
+/// panel it computes, element l of every row here (for example the rows the next call reads, or the
+/// rows of gR its caller then updates). The hardware prefetchers do not follow these short runs
+/// (rows K or C apart, a few KiB each), and the loads stall on memory without it.
+template <class T>
+struct prefetch_rows {
+  static constexpr int capacity = 12;
+  const T* row[capacity];
+  int n = 0;
+  void add(const T* p) {
+    if (n < capacity) row[n++] = p;
+  }
+  /// Prefetches elements [l, l + e) of every row (e * sizeof(T) a multiple of 64 bytes or less).
+  MHC_INLINE void at(index_t l, index_t e) const {
+    for (int r = 0; r < n; ++r)
+      for (index_t o = 0; o < e * index_t(sizeof(T)); o += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(row[r] + l) + o, 0, 3);
+  }
+};
+
 /// The elements of a panel from `full` (past the last whole group of 16) for the four tokens of
 /// projection_input_grad4_avx2 / _avx512: the scalar kernel per token. Not inlined, so that these
 /// scalar sums are not compiled for a caller's FMA-capable target.
@@ -628,10 +648,11 @@ __attribute__((noinline)) void input_grad4_tail(const phi_panel<M, float, W>& pn
 /// same bits as the one-token kernels.
 template <int M, index_t W, class T>
 MHC_TARGET_AVX2 void projection_input_grad4_avx2(const phi_panel<M, float, W>& pn, const float* gu, const T* const* x,
-                                                 const float* gs, float* const* out) {
+                                                 const float* gs, float* const* out, const prefetch_rows<T>& pf) {
   const index_t w = pn.w, full = w / 16 * 16;
   const __m256 two = _mm256_set1_ps(2.0f);
   for (index_t l = 0; l < full; l += 16) {
+    pf.at(l, 16);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
     const float* p = pn.v + l * M;
     for (int j = 0; j < M; ++j, p += 16) {
@@ -719,11 +740,15 @@ MHC_TARGET_AVX512VL MHC_INLINE void input_grad4_groups_avx512(const phi_panel<M,
 /// of 16) in eight accumulators through all M rows. The same order per element: the same bits.
 template <int M, index_t W, class T>
 MHC_TARGET_AVX512VL void projection_input_grad4_avx512(const phi_panel<M, float, W>& pn, const float* gu,
-                                                       const T* const* x, const float* gs, float* const* out) {
+                                                       const T* const* x, const float* gs, float* const* out,
+                                                       const prefetch_rows<T>& pf) {
   const index_t w = pn.w, full = w / 16 * 16;
   index_t l = 0;
-  for (; l + 32 <= full; l += 32) input_grad4_groups_avx512<2>(pn, gu, x, gs, out, l);
-  if (l < full) input_grad4_groups_avx512<1>(pn, gu, x, gs, out, l);
+  for (; l + 32 <= full; l += 32) {
+    pf.at(l, 32);
+    input_grad4_groups_avx512<2>(pn, gu, x, gs, out, l);
+  }
+  if (l < full) pf.at(l, 16), input_grad4_groups_avx512<1>(pn, gu, x, gs, out, l);
   if (full < w) input_grad4_tail(pn, gu, x, gs, out, full);
 }
 #endif
@@ -733,13 +758,15 @@ MHC_TARGET_AVX512VL void projection_input_grad4_avx512(const phi_panel<M, float,
 /// as one call per token.
 template <int M, index_t W, class T, class F>
 inline void projection_input_grad_tokens(cpu_isa isa, const phi_panel<M, F, W>& pn, int nt, const F* gu,
-                                         const T* const* x, const F* gs, F* const* out) {
+                                         const T* const* x, const F* gs, F* const* out,
+                                         const prefetch_rows<T>& pf = {}) {
 #if MHC_HAVE_AVX2_KERNELS
   if constexpr (std::is_same_v<F, float>)
     if (pn.packed && nt == input_grad_tokens)
-      return avx512vl_kernels() ? projection_input_grad4_avx512<M, W>(pn, gu, x, gs, out)
-                                : projection_input_grad4_avx2<M, W>(pn, gu, x, gs, out);
+      return avx512vl_kernels() ? projection_input_grad4_avx512<M, W>(pn, gu, x, gs, out, pf)
+                                : projection_input_grad4_avx2<M, W>(pn, gu, x, gs, out, pf);
 #endif
+  (void)pf;
   for (int a = 0; a < nt; ++a)
     projection_input_grad<M>(isa, gu + a * M, pn.phi, pn.K, pn.k0, pn.w, x[a], gs[a], out[a]);
 }
