@@ -404,6 +404,9 @@ struct backend_traits<cpu> {
     F* ga3 = gb + tokens * M;
     F* scratch = ga3 + tokens * 3;
     const index_t per_worker = sinkhorn_scratch_size(N, cfg.sinkhorn_iters);
+#if MHC_HAVE_AVX2_KERNELS
+    const bool wide = be.isa() == cpu_isa::avx2 && detail::avx512vl_kernels();
+#endif
     // gR is written once, not read (unless in place): streaming stores when it is large.
     with_row_writer(be, tokens * K * index_t(sizeof(T)), gR == gRout, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
     using Store = decltype(store);
@@ -431,7 +434,7 @@ struct backend_traits<cpu> {
             for (int i = 0; i < N; ++i) pn[i].load(be.isa(), phi, K, index_t(i) * C + c0, width, nt);
             for (int a = 0; a < nt; a += G) {
               const int ng = std::min(G, nt - a);
-              F pg[G][N][W];  // projection term of each token and stream over this block of c
+              alignas(64) F pg[G][N][W];  // projection term of each token and stream over this block of c
               for (int i = 0; i < N; ++i) {
                 F* pgs[G];
                 const T* xs[G];
@@ -456,7 +459,16 @@ struct backend_traits<cpu> {
                 const T* gy = gy_in + t * C;
                 // The block is computed into ob before any of it is written: in place (gR == gR')
                 // stays exact, and with no store to caller memory inside the loop it vectorises.
-                F ob[N][W];
+                alignas(64) F ob[N][W];
+#if MHC_HAVE_AVX2_KERNELS
+                if constexpr (detail::avx2_row_types<T, F>)
+                  if (wide) {
+                    detail::pre_backward_mix_avx512<N, W>(cb, pw, go + c0, gy + c0, C, width, pg[q], ob);
+                    T* out = gR + t * K;
+                    for (int i = 0; i < N; ++i) Store::row(out + index_t(i) * C + c0, ob[i], width);
+                    continue;
+                  }
+#endif
                 for (index_t l = 0; l < width; ++l) {
                   const index_t c = c0 + l;
                   F g[N];

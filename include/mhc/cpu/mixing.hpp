@@ -522,6 +522,59 @@ MHC_TARGET_AVX2 void head_update_row_avx2(T* g, const T* go, float h, float* p, 
   if constexpr (!direct) store_row_avx2<false>(g, p, w);
 }
 
+/// Sixteen columns of pre_backward_mix_avx512 from their loaded values (g: the N rows of gR', y: gy).
+template <int N, index_t W>
+MHC_TARGET_AVX512VL MHC_INLINE void pre_backward_mix16_avx512(const __m512 (&cb)[N][N], const __m512 (&pw)[N],
+                                                              const __m512 (&g)[N], __m512 y, const float (*pg)[W],
+                                                              float (*ob)[W], index_t l) {
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    __m512 acc = _mm512_mul_ps(cb[i][0], g[0]);
+    MHC_KEEP_IN_REGISTER(acc);  // every product whole: a product, then a sum, never a fused multiply-add
+#pragma GCC unroll 8
+    for (int o = 1; o < N; ++o) {
+      __m512 m = _mm512_mul_ps(cb[i][o], g[o]);
+      MHC_KEEP_IN_REGISTER(m);
+      acc = _mm512_add_ps(acc, m);
+    }
+    __m512 m = _mm512_mul_ps(pw[i], y);
+    MHC_KEEP_IN_REGISTER(m);
+    acc = _mm512_add_ps(acc, m);
+    _mm512_store_ps(ob[i] + l, _mm512_add_ps(acc, _mm512_load_ps(pg[i] + l)));
+  }
+}
+
+/// pre_backward's mixing of one token over w <= W columns with 512-bit vectors (go: its rows of gR'
+/// from the block's first column, C apart; gy likewise): ob[i][l] = ((sum_o comb[i][o] go[o][l]) +
+/// pre[i] gy[l]) + pg[i][l], the sum from o = 0 up, as the scalar loop (the same bits). The N x N + N
+/// coefficients stay in registers (N = 4: 20 of AVX-512's 32). The last w % 16 columns are copied to
+/// zero-padded vectors first (ob and pg have room: W is a multiple of 16).
+template <int N, index_t W, class T>
+MHC_TARGET_AVX512VL void pre_backward_mix_avx512(const float* comb, const float* pre_w, const T* go, const T* gy,
+                                                 index_t C, index_t w, const float (*pg)[W], float (*ob)[W]) {
+  static_assert(W % 16 == 0, "whole vectors of ob and pg");
+  __m512 cb[N][N], pw[N], g[N];
+  for (int i = 0; i < N; ++i) {
+    pw[i] = _mm512_set1_ps(pre_w[i]);
+    for (int o = 0; o < N; ++o) cb[i][o] = _mm512_set1_ps(comb[i * N + o]);
+  }
+  index_t l = 0;
+  for (; l + 16 <= w; l += 16) {
+#pragma GCC unroll 8
+    for (int o = 0; o < N; ++o) g[o] = load16_avx512(go + index_t(o) * C + l);
+    pre_backward_mix16_avx512<N, W>(cb, pw, g, load16_avx512(gy + l), pg, ob, l);
+  }
+  if (l < w) {
+    T rest[N + 1][16] = {};
+    for (index_t e = l; e < w; ++e) {
+      for (int o = 0; o < N; ++o) rest[o][e - l] = go[index_t(o) * C + e];
+      rest[N][e - l] = gy[e];
+    }
+    for (int o = 0; o < N; ++o) g[o] = load16_avx512(rest[o]);
+    pre_backward_mix16_avx512<N, W>(cb, pw, g, load16_avx512(rest[N]), pg, ob, l);
+  }
+}
+
 #endif  // MHC_HAVE_AVX2_KERNELS
 
 /// Whether T is a storage type the AVX2 row writer takes (fp32, bf16) with fp32 compute F.

@@ -590,8 +590,10 @@ struct phi_panel {
     phi = phi_, K = K_, k0 = k0_, w = w_;
     packed = std::is_same_v<F, float> && isa == cpu_isa::avx2 && MHC_HAVE_AVX2_KERNELS && tokens >= input_grad_tokens;
     if (!packed) return;
-    for (index_t l = 0; l + 16 <= w; l += 16)
-      for (int j = 0; j < M; ++j) {
+    // Row by row: each row of phi is read in one run, which the hardware prefetchers follow (16
+    // elements of each of the M rows in turn, K apart, stalled on every load).
+    for (int j = 0; j < M; ++j)
+      for (index_t l = 0; l + 16 <= w; l += 16) {
         const F* src = phi + index_t(j) * K + k0 + l;
         F* dst = v + l * M + j * 16;
         for (int i = 0; i < 16; ++i) dst[i] = src[i];
@@ -606,11 +608,6 @@ constexpr index_t panel_width(int nb) {
   return w < 16 ? 16 : (w > 1024 ? 1024 : w);
 }
 
-/// Tokens per slab of the backward input gradient: their coefficients are computed first, then each
-/// panel of phi is packed once and used for all of them.
-inline constexpr int backward_slab = 64;
-
-#if MHC_HAVE_AVX2_KERNELS
 /// Rows of memory a four-token input-gradient kernel prefetches as it goes: at each element l of the
 /// panel it computes, element l of every row here (for example the rows the next call reads, or the
 /// rows of gR its caller then updates). The hardware prefetchers do not follow these short runs
@@ -631,6 +628,11 @@ struct prefetch_rows {
   }
 };
 
+/// Tokens per slab of the backward input gradient: their coefficients are computed first, then each
+/// panel of phi is packed once and used for all of them.
+inline constexpr int backward_slab = 64;
+
+#if MHC_HAVE_AVX2_KERNELS
 /// The elements of a panel from `full` (past the last whole group of 16) for the four tokens of
 /// projection_input_grad4_avx2 / _avx512: the scalar kernel per token. Not inlined, so that these
 /// scalar sums are not compiled for a caller's FMA-capable target.
