@@ -375,8 +375,8 @@ TEST(Determinism, LayerForwardBackwardAcrossThreadCounts) {
 }
 
 // The standalone ops not covered by the layer path, the same way.
-/// Every output of the standalone ops (expand, Sinkhorn backward, head and its backward, the projection
-/// and its backward) with `threads`
+/// Every output of the standalone ops (expand, Sinkhorn backward, head and its backward in fp32 and
+/// bf16, the projection and its backward) with `threads`
 /// threads and the kernels of `isa`, concatenated.
 std::vector<float> standalone_outputs(int threads, mhc::cpu_isa isa, index_t C) {
   constexpr int n = 4;
@@ -412,8 +412,20 @@ std::vector<float> standalone_outputs(int threads, mhc::cpu_isa isa, index_t C) 
     mhc::ops::projection<n, float>(be, {tokens, C}, cv(R), cv(phi), 1e-6, mv(proj), mv(rstd));
     mhc::ops::projection_backward<n, float>(be, {tokens, C}, cv(R), cv(phi), cv(proj), cv(rstd), cv(gz), mv(gRp),
                                             mv(gphip));
+    // The head and its backward in bf16 storage (head_backward has a 512-bit kernel for bf16 only).
+    using bf = mhc::bf16;
+    const std::vector<bf> Rb(R.begin(), R.end()), goutb(gout.begin(), gout.end());
+    std::vector<bf> outb(h.size()), gRb(R.size(), bf(0.25f));
+    std::vector<float> hwb(tn), hpb(tn), hrb(static_cast<std::size_t>(tokens)), gphib(phi_head.size()), gab(1),
+        gbb(static_cast<std::size_t>(n));
+    mhc::ops::head<n, bf>(be, {tokens, C}, cv(Rb), cv(phi_head), 0.5, cv(bias_head), 1e-6, 1e-6, mv(outb), mv(hwb),
+                          mv(hpb), mv(hrb));
+    mhc::ops::head_backward<n, bf>(be, {tokens, C}, cv(Rb), cv(phi_head), 0.5, cv(bias_head), cv(hwb), cv(hpb),
+                                   cv(hrb), cv(goutb), mv(gRb), mv(gphib), mv(gab), mv(gbb), mv(hws));
+    std::vector<float> outbf(outb.begin(), outb.end()), gRbf(gRb.begin(), gRb.end());
     std::vector<float> all;
-    for (const auto* v : {&e, &eb, &gL, &out, &hw, &hp, &hr, &gRh, &gphi, &ga, &gb, &proj, &rstd, &gRp, &gphip})
+    for (const auto* v : {&e, &eb, &gL, &out, &hw, &hp, &hr, &gRh, &gphi, &ga, &gb, &proj, &rstd, &gRp, &gphip, &outbf,
+                          &hwb, &hpb, &hrb, &gRbf, &gphib, &gab, &gbb})
       all.insert(all.end(), v->begin(), v->end());
     return all;
   }
