@@ -613,10 +613,12 @@ struct backend_traits<cpu> {
         for (int m = 0; m < N; ++m)
           for (index_t c0 = 0; c0 < C; c0 += W) {
             const index_t w = std::min(W, C - c0), k0 = index_t(m) * C + c0;
-            // gR two blocks ahead (the rows follow one another in memory, into the next token's):
-            // its loads below stalled on memory without it (fp32 33 -> 24 ms at T = C = 4096).
-            for (index_t l = 0; l < W; l += 64 / index_t(sizeof(T)))
-              __builtin_prefetch(out + k0 + 2 * W + l, 1, 3);
+            // gR two blocks ahead (the rows follow one another in memory, into the next token's; not
+            // past this range's last row): its loads below stalled on memory without it (fp32 33 ->
+            // 24 ms at T = C = 4096).
+            if (k0 + 3 * W <= (e - t) * K)
+              for (index_t l = 0; l < W; l += 64 / index_t(sizeof(T)))
+                __builtin_prefetch(out + k0 + 2 * W + l, 1, 3);
             index_t done = 0;  // columns the 512-bit kernel did (whole groups of 32)
 #if MHC_HAVE_AVX2_KERNELS
             // bf16 only: 10% faster there (20.7 -> 18.6 ms at T = C = 4096); fp32 is bound by memory,
