@@ -442,9 +442,12 @@ struct backend_traits<cpu> {
                 // Prefetched as the kernel runs: the rows of R the next call reads (the next stream,
                 // else the next group's first), and what the mixing below reads of these tokens.
                 detail::prefetch_rows<T> pf;
-                const bool more = i + 1 < N, tail = !more && a + G >= nt;
-                const index_t tn = more ? t0 + a : tail ? t0 : t0 + a + G;
-                const index_t kn = more ? index_t(i + 1) * C + c0 : tail ? c0 + W : c0;
+                index_t tn = t0 + a, kn = index_t(i + 1) * C + c0;  // the next stream
+                if (i + 1 == N) {
+                  if (a + G < nt) tn = t0 + a + G, kn = c0;  // the next group
+                  else if (c0 + W < C) tn = t0, kn = c0 + W;  // the next block
+                  else tn = t0 + S, kn = 0;                   // the next slab
+                }
                 for (index_t q = 0; q < G && tn + q < e; ++q) pf.add(R + (tn + q) * K + kn);
                 for (int q = 0; q < ng; ++q) pf.add(gRout + (t0 + a + q) * K + index_t(i) * C + c0);
                 if (i == 0)

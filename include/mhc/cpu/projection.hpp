@@ -8,6 +8,7 @@
 /// kernels (mhc/cpu/isa.hpp) the AVX2 versions below give the same bits faster, and the overloads
 /// taking a cpu_isa pick between them.
 
+#include <cstdint>
 #include <type_traits>
 
 #include "mhc/core/config.hpp"
@@ -620,11 +621,15 @@ struct prefetch_rows {
   void add(const T* p) {
     if (n < capacity) row[n++] = p;
   }
-  /// Prefetches elements [l, l + e) of every row (e * sizeof(T) a multiple of 64 bytes or less).
+  /// Prefetches elements [l, l + e) of every row (e * sizeof(T) a multiple of 64 bytes or less). The
+  /// addresses are computed as integers: near the end of a buffer they may lie past it (a prefetch
+  /// never faults), and no pointer past it is formed.
   MHC_INLINE void at(index_t l, index_t e) const {
-    for (int r = 0; r < n; ++r)
+    for (int r = 0; r < n; ++r) {
+      const std::uintptr_t p = reinterpret_cast<std::uintptr_t>(row[r]) + std::uintptr_t(l) * sizeof(T);
       for (index_t o = 0; o < e * index_t(sizeof(T)); o += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(row[r] + l) + o, 0, 3);
+        __builtin_prefetch(reinterpret_cast<const void*>(p + std::uintptr_t(o)), 0, 3);
+    }
   }
 };
 
