@@ -463,28 +463,28 @@ struct backend_traits<cpu> {
                 // The block is computed into ob before any of it is written: in place (gR == gR')
                 // stays exact, and with no store to caller memory inside the loop it vectorises.
                 alignas(64) F ob[N][W];
+                bool mixed = false;  // ob computed by the 512-bit kernel
 #if MHC_HAVE_AVX2_KERNELS
                 if constexpr (detail::avx2_row_types<T, F>)
                   if (wide) {
                     detail::pre_backward_mix_avx512<N, W>(cb, pw, go + c0, gy + c0, C, width, pg[q], ob);
-                    T* out = gR + t * K;
-                    for (int i = 0; i < N; ++i) Store::row(out + index_t(i) * C + c0, ob[i], width);
-                    continue;
+                    mixed = true;
                   }
 #endif
-                for (index_t l = 0; l < width; ++l) {
-                  const index_t c = c0 + l;
-                  F g[N];
-                  for (int o = 0; o < N; ++o) g[o] = st::load(go[index_t(o) * C + c]);
-                  const F gyc = st::load(gy[c]);
-                  for (int i = 0; i < N; ++i) {
-                    F acc = cb[i * N] * g[0];
-                    for (int o = 1; o < N; ++o) acc += cb[i * N + o] * g[o];
-                    acc += pw[i] * gyc;
-                    acc += pg[q][i][l];
-                    ob[i][l] = acc;
+                if (!mixed)
+                  for (index_t l = 0; l < width; ++l) {
+                    const index_t c = c0 + l;
+                    F g[N];
+                    for (int o = 0; o < N; ++o) g[o] = st::load(go[index_t(o) * C + c]);
+                    const F gyc = st::load(gy[c]);
+                    for (int i = 0; i < N; ++i) {
+                      F acc = cb[i * N] * g[0];
+                      for (int o = 1; o < N; ++o) acc += cb[i * N + o] * g[o];
+                      acc += pw[i] * gyc;
+                      acc += pg[q][i][l];
+                      ob[i][l] = acc;
+                    }
                   }
-                }
                 T* out = gR + t * K;
                 for (int i = 0; i < N; ++i) Store::row(out + index_t(i) * C + c0, ob[i], width);
               }
@@ -629,7 +629,7 @@ struct backend_traits<cpu> {
             if constexpr (std::is_same_v<T, bf16> && std::is_same_v<F, float>)
               if (wide) {
                 done = detail::head_update_block_avx512<N>(gu, phi, K, k0, w, x + k0, gs, out + k0, go + c0,
-                                                           h[t * N + m], pg);
+                                                           h[t * N + m], pg);  // into pg, rounded below
                 detail::store_row_avx2<false>(out + k0, pg, done);
               }
 #endif

@@ -578,13 +578,13 @@ MHC_TARGET_AVX512VL void pre_backward_mix_avx512(const float* comb, const float*
 /// head_backward's update of gR over the whole groups of 32 columns of a block with 512-bit registers,
 /// the projection term kept in registers: for l < w / 32 * 32,
 /// v = (load(g[l]) + h load(go[l])) + ((sum_j gu[j] phi[j][k0 + l]) + (2 x[l]) gs), the sum from zero
-/// and j = 0 up, every product opaque: the bits of projection_input_grad then head_update_row. fp32
-/// is written to g; bf16 to p (the caller rounds it with the row writer). Returns the columns done.
-/// (head_backward uses it for bf16 only.)
+/// and j = 0 up, every product opaque: the bits of projection_input_grad then head_update_row. The
+/// sums go to p[l] (the caller rounds them into g with the row writer; head_backward uses this for
+/// bf16 only). Returns the columns done.
 template <int M, class T>
 MHC_TARGET_AVX512VL index_t head_update_block_avx512(const float* gu, const float* phi, index_t K, index_t k0,
-                                                     index_t w, const T* x, float gs, T* g, const T* go, float h,
-                                                     float* p) {
+                                                     index_t w, const T* x, float gs, const T* g, const T* go,
+                                                     float h, float* p) {
   const index_t full = w / 32 * 32;
   const __m512 two = _mm512_set1_ps(2.0f), gsv = _mm512_set1_ps(gs), hv = _mm512_set1_ps(h);
   for (index_t l = 0; l < full; l += 32) {
@@ -607,11 +607,7 @@ MHC_TARGET_AVX512VL index_t head_update_block_avx512(const float* gu, const floa
       __m512 hg = _mm512_mul_ps(hv, load16_avx512(go + c));
       MHC_KEEP_IN_REGISTER(sx);
       MHC_KEEP_IN_REGISTER(hg);
-      const __m512 out = _mm512_add_ps(_mm512_add_ps(load16_avx512(g + c), hg), _mm512_add_ps(o[v], sx));
-      if constexpr (std::is_same_v<T, float>)
-        _mm512_storeu_ps(g + c, out);
-      else
-        _mm512_storeu_ps(p + c, out);
+      _mm512_storeu_ps(p + c, _mm512_add_ps(_mm512_add_ps(load16_avx512(g + c), hg), _mm512_add_ps(o[v], sx)));
     }
   }
   return full;
