@@ -380,7 +380,9 @@ TEST(Determinism, LayerForwardBackwardAcrossThreadCounts) {
 /// threads and the kernels of `isa`, concatenated.
 std::vector<float> standalone_outputs(int threads, mhc::cpu_isa isa, index_t C) {
   constexpr int n = 4;
-  const index_t tokens = 37, K = n * C;
+  // 133 tokens: grad_phi of the head (4 rows) goes through tiles of 64 tokens, its partial sums kept in
+  // grad_phi between them; two whole tiles and a partial one.
+  const index_t tokens = 133, K = n * C;
   const auto h = residual(tokens, C, 7), R = residual(tokens, K, 8), gR = residual(tokens, K, 9);
   const auto L = mhc_test::to<float>(mhc_test::normal(std::size_t(tokens * n * n), 1.0, 10));
   const auto gcomb = mhc_test::to<float>(mhc_test::normal(L.size(), 1.0, 11));

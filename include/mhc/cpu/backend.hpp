@@ -146,6 +146,11 @@ struct backend_traits<cpu> {
     constexpr index_t B = detail::grad_phi_block;
     const index_t blocks = (K + B - 1) / B;
     be.parallel_for(blocks, std::max<index_t>(1, 4096 / std::max<index_t>(1, tokens)), [&](index_t b0, index_t b1, int) {
+#if MHC_HAVE_AVX2_KERNELS
+      if constexpr (std::is_same_v<F, float> && M <= 4)
+        if (be.isa() == cpu_isa::avx2)
+          return detail::accumulate_grad_phi_range_avx2<M>(tokens, K, R, gz, r, b0 * B, std::min(b1 * B, K), gphi);
+#endif
       for (index_t blk = b0; blk < b1; ++blk)
         detail::accumulate_grad_phi_block<M>(be.isa(), tokens, K, R, gz, r, blk * B, std::min(B, K - blk * B), gphi);
     });

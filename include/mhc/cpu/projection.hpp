@@ -926,6 +926,136 @@ MHC_TARGET_AVX2 void accumulate_grad_phi_block_avx2(index_t tokens, index_t K, c
   for (int j = 0; j < M; ++j)
     for (index_t l = 0; l < w; ++l) gphi[index_t(j) * K + k0 + l] = acc[j][l];
 }
+
+/// acc[q][0..64) += g[t*M + q] * x_t[0..64) for the M <= 4 rows and the nt tokens of a tile in order,
+/// read straight from the rows of R (x: the first token's, rows K apart) with the accumulators in
+/// registers, no staging buffer: for so few rows the copy to one cost more than the products. The
+/// first npf rows prefetch their elements `ahead` elements on. The same bits as
+/// grad_phi_tile_avx512 (a product, then a sum, tokens in order).
+template <int M, index_t RW, class T>
+MHC_TARGET_AVX512VL void grad_phi_rows_avx512(const T* x, index_t K, const float* g, int nt, int npf,
+                                           index_t ahead, float* acc) {
+  static_assert(M <= 4, "16 accumulators at most");
+  __m512 a[M][4];
+#pragma GCC unroll 4
+  for (int q = 0; q < M; ++q)
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; ++h) a[q][h] = _mm512_load_ps(acc + q * RW + 16 * h);
+  for (int t = 0; t < nt; ++t, x += K, g += M) {
+    if (t < npf)
+      for (index_t o = 0; o < 64 * index_t(sizeof(T)); o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(x) +
+                                                   std::uintptr_t(ahead * index_t(sizeof(T)) + o)),
+                     _MM_HINT_T0);
+    __m512 xv[4];
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; ++h) xv[h] = load16_avx512(x + 16 * h);
+#pragma GCC unroll 4
+    for (int q = 0; q < M; ++q) {
+      const __m512 gb = _mm512_set1_ps(g[q]);
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) {
+        __m512 m = _mm512_mul_ps(gb, xv[h]);
+        MHC_KEEP_IN_REGISTER(m);  // a product, then a sum: never one fused multiply-add
+        a[q][h] = _mm512_add_ps(a[q][h], m);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < M; ++q)
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; ++h) _mm512_store_ps(acc + q * RW + 16 * h, a[q][h]);
+}
+
+/// accumulate_grad_phi_block_avx2 over the columns [k_begin, k_end) (a multiple of grad_phi_block from
+/// k_begin, but for the last block), the same bits, with the loops the other way round: a tile of
+/// tokens at a time through all the blocks, the partial sums kept in gphi between tiles (fp32, so
+/// nothing is rounded twice). Each row of the tile is then read in one run from k_begin to k_end
+/// rather than in runs of grad_phi_block elements K apart, which the memory serves at a higher rate.
+template <int M, class T>
+MHC_TARGET_AVX2 void accumulate_grad_phi_range_avx2(index_t tokens, index_t K, const T* R, const float* gz,
+                                                    const float* r, index_t k_begin, index_t k_end, float* gphi) {
+  constexpr index_t B = grad_phi_block;
+  constexpr int TT = 64, NR = 6;
+  alignas(64) float acc[M][B];
+  alignas(64) float xb[TT][B];
+  const bool wide = avx512vl_kernels();
+  float g[TT * M];
+  for (index_t t0 = 0; t0 < tokens; t0 += TT) {
+    const int nt = int(tokens - t0 < TT ? tokens - t0 : TT);
+    for (int a = 0; a < nt; ++a)
+      for (int j = 0; j < M; ++j) g[a * M + j] = gz[(t0 + a) * M + j] * r[t0 + a];
+    for (index_t k0 = k_begin; k0 < k_end; k0 += B) {
+      const index_t w = k_end - k0 < B ? k_end - k0 : B;
+      for (int j = 0; j < M; ++j) {  // 8 at a time, opaque: GCC would call memcpy / memset here
+        const float* gj = gphi + index_t(j) * K + k0;
+        index_t l = 0;
+        if (t0 == 0) {
+          for (; l < B; l += 8) {
+            __m256 v = _mm256_setzero_ps();
+            MHC_KEEP_IN_REGISTER(v);
+            _mm256_store_ps(acc[j] + l, v);
+          }
+          continue;
+        }
+        for (; l + 8 <= w; l += 8) {
+          __m256 v = _mm256_loadu_ps(gj + l);
+          MHC_KEEP_IN_REGISTER(v);
+          _mm256_store_ps(acc[j] + l, v);
+        }
+        for (; l < w; ++l) acc[j][l] = gj[l];
+        for (; l < B; ++l) acc[j][l] = 0.0f;  // padding columns (the last block only)
+      }
+      // Prefetched as the tile goes: each row's next block, else (the last block) the next tile's
+      // rows from k_begin, for the first npf rows (those that exist).
+      const index_t ahead = k0 + B < k_end ? B : TT * K - (k0 - k_begin);
+      const int npf = k0 + B < k_end ? nt : int(std::min<index_t>(nt, std::max<index_t>(0, tokens - t0 - TT)));
+      if (wide && M <= 4 && w == B) {
+        for (index_t l = 0; l < B; l += 64)
+          grad_phi_rows_avx512<(M <= 4 ? M : 4), B>(R + t0 * K + k0 + l, K, g, nt, npf, ahead, acc[0] + l);
+      } else {
+        for (int a = 0; a < nt; ++a) {
+          const T* x = R + (t0 + a) * K + k0;
+          if (a < npf)
+            for (index_t o = 0; o < B * index_t(sizeof(T)); o += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(x) +
+                                                         std::uintptr_t(ahead * index_t(sizeof(T)) + o)),
+                           _MM_HINT_T0);
+          index_t l = 0;
+          if (w == B)
+            for (; l < B; l += 8) {
+              __m256 v = load8_avx2(x + l);
+              MHC_KEEP_IN_REGISTER(v);  // opaque: GCC -O2 would turn the fp32 copy into a rep movs
+              _mm256_store_ps(xb[a] + l, v);
+            }
+          for (; l < w; ++l) xb[a][l] = storage_traits<T>::load(x[l]);
+          for (; l < B; ++l) xb[a][l] = 0.0f;  // padding columns, never stored
+        }
+        if (wide) {
+          grad_phi_tiles_avx512<M, B>(g, xb[0], nt, acc[0]);
+        } else {
+          int j0 = 0;
+          for (; j0 + NR <= M; j0 += NR)
+            for (index_t l = 0; l < B; l += 16)
+              grad_phi_tile_avx2<NR, M, B, B>(g + j0, xb[0] + l, nt, acc[j0] + l);
+          if constexpr (M % NR != 0)
+            for (index_t l = 0; l < B; l += 16)
+              grad_phi_tile_avx2<M % NR, M, B, B>(g + j0, xb[0] + l, nt, acc[j0] + l);
+        }
+      }
+      for (int j = 0; j < M; ++j) {
+        float* gj = gphi + index_t(j) * K + k0;
+        index_t l = 0;
+        for (; l + 8 <= w; l += 8) {
+          __m256 v = _mm256_load_ps(acc[j] + l);
+          MHC_KEEP_IN_REGISTER(v);
+          _mm256_storeu_ps(gj + l, v);
+        }
+        for (; l < w; ++l) gj[l] = acc[j][l];
+      }
+    }
+  }
+}
 #endif
 
 /// grad_phi[j][k0 .. k0 + w) = sum_t (gz[t][j] * r[t]) x_t[k], tokens in order (w <= grad_phi_block),
