@@ -455,6 +455,42 @@ TEST(Determinism, StandaloneOpsAcrossInstructionSets) {
   }
 }
 
+// head_backward in bf16 rounds its update of gR inside the 512-bit kernel: a NaN of either sign and
+// an Inf already in gR come out as the baseline writer's (the quiet NaN of the sign, the Inf), the
+// same bits, and the neighbours unchanged.
+TEST(Determinism, HeadBackwardBf16NonFiniteGradAcrossInstructionSets) {
+  if (!mhc::cpu_isa_supported(mhc::cpu_isa::avx2)) GTEST_SKIP() << "this processor or build has no AVX2 kernels";
+  constexpr int n = 4;
+  const index_t tokens = 5, C = 96, K = n * C;
+  using bf = mhc::bf16;
+  const auto Rf = residual(tokens, K, 41), goutf = residual(tokens, C, 42);
+  const std::vector<bf> R(Rf.begin(), Rf.end()), gout(goutf.begin(), goutf.end());
+  const auto phi = mhc_test::to<float>(mhc_test::normal(std::size_t(n * K), 1e-2, 43));
+  const std::vector<float> bias = {0.1f, -0.2f, 0.3f, 0.0f};
+  std::vector<bf> gR0(std::size_t(tokens * K), bf(0.5f));
+  gR0[3] = bf(nan_f);
+  gR0[std::size_t(K + 40)] = bf(-nan_f);
+  gR0[std::size_t(2 * K + 70)] = bf(inf_f);
+  auto run = [&](mhc::cpu_isa isa) {
+    const mhc::cpu be(2, isa);
+    const auto tn = std::size_t(tokens * n);
+    std::vector<bf> out(std::size_t(tokens * C));
+    std::vector<float> hw(tn), hp(tn), hr(static_cast<std::size_t>(tokens)), gphi(phi.size()), ga(1), gb(static_cast<std::size_t>(n));
+    std::vector<float> ws(std::size_t(mhc::ops::head_backward_workspace_size<n, float>(be, tokens)));
+    mhc::ops::head<n, bf>(be, {tokens, C}, cv(R), cv(phi), 0.5, cv(bias), 1e-6, 1e-6, mv(out), mv(hw), mv(hp), mv(hr));
+    std::vector<bf> gR(gR0);
+    mhc::ops::head_backward<n, bf>(be, {tokens, C}, cv(R), cv(phi), 0.5, cv(bias), cv(hw), cv(hp), cv(hr), cv(gout),
+                                   mv(gR), mv(gphi), mv(ga), mv(gb), mv(ws));
+    return gR;
+  };
+  const auto baseline = run(mhc::cpu_isa::baseline), avx2 = run(mhc::cpu_isa::avx2);
+  EXPECT_TRUE(std::isnan(float(baseline[3])) && !std::signbit(float(baseline[3])));
+  EXPECT_TRUE(std::isnan(float(baseline[std::size_t(K + 40)])) && std::signbit(float(baseline[std::size_t(K + 40)])));
+  EXPECT_TRUE(std::isinf(float(baseline[std::size_t(2 * K + 70)])));
+  EXPECT_TRUE(std::isfinite(float(baseline[4])));
+  EXPECT_TRUE(mhc_test::bit_equal(baseline, avx2));
+}
+
 // pre_backward writes a large grad_residual with streaming stores, and in place (grad_residual ==
 // grad_residual_out) with ordinary ones, in slabs of tokens whose panels of phi serve four tokens at
 // a time: both give the same bits, and the same as the baseline kernels on one thread. 256 tokens of

@@ -575,15 +575,29 @@ MHC_TARGET_AVX512VL void pre_backward_mix_avx512(const float* comb, const float*
   }
 }
 
+/// Sixteen floats rounded to bf16 exactly as storage_traits<bf16>::store (nearest even; a NaN becomes
+/// the quiet NaN of its sign), with 512-bit integer operations.
+MHC_TARGET_AVX512VL MHC_INLINE __m256i bf16_round_avx512(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  // (the zero-masking forms: the plain ones start from an undefined vector, which GCC 12 warns about)
+  const __m512i hi = _mm512_maskz_srli_epi32(0xFFFF, u, 16);
+  const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+  __m512i r = _mm512_maskz_srli_epi32(0xFFFF, _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(
+      r, nan, _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7FC0)));
+  return _mm512_maskz_cvtepi32_epi16(0xFFFF, r);
+}
+
 /// head_backward's update of gR over the whole groups of 32 columns of a block with 512-bit registers,
 /// the projection term kept in registers: for l < w / 32 * 32,
 /// v = (load(g[l]) + h load(go[l])) + ((sum_j gu[j] phi[j][k0 + l]) + (2 x[l]) gs), the sum from zero
-/// and j = 0 up, every product opaque: the bits of projection_input_grad then head_update_row. The
-/// sums go to p[l] (the caller rounds them into g with the row writer; head_backward uses this for
-/// bf16 only). Returns the columns done.
+/// and j = 0 up, every product opaque: the bits of projection_input_grad then head_update_row. For
+/// bf16, v is rounded and written to g[l] (the row writer's bits); for fp32 it goes to p[l], which the
+/// caller writes. Returns the columns done.
 template <int M, class T>
 MHC_TARGET_AVX512VL index_t head_update_block_avx512(const float* gu, const float* phi, index_t K, index_t k0,
-                                                     index_t w, const T* x, float gs, const T* g, const T* go,
+                                                     index_t w, const T* x, float gs, T* g, const T* go,
                                                      float h, float* p) {
   const index_t full = w / 32 * 32;
   const __m512 two = _mm512_set1_ps(2.0f), gsv = _mm512_set1_ps(gs), hv = _mm512_set1_ps(h);
@@ -607,7 +621,11 @@ MHC_TARGET_AVX512VL index_t head_update_block_avx512(const float* gu, const floa
       __m512 hg = _mm512_mul_ps(hv, load16_avx512(go + c));
       MHC_KEEP_IN_REGISTER(sx);
       MHC_KEEP_IN_REGISTER(hg);
-      _mm512_storeu_ps(p + c, _mm512_add_ps(_mm512_add_ps(load16_avx512(g + c), hg), _mm512_add_ps(o[v], sx)));
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(load16_avx512(g + c), hg), _mm512_add_ps(o[v], sx));
+      if constexpr (std::is_same_v<T, bf16>)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(g + c), bf16_round_avx512(sum));
+      else
+        _mm512_storeu_ps(p + c, sum);
     }
   }
   return full;
