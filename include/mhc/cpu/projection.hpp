@@ -163,6 +163,14 @@ MHC_TARGET_AVX512VL inline void project_4x4_avx512vl(const float* const* p, cons
     for (int t = 0; t < 4; ++t) _mm256_storeu_ps(c[r][t], a[r][t]);
 }
 
+/// a + b * x as a product, then a sum: the product is kept opaque, so it is never contracted into a
+/// fused multiply-add (the baseline kernels round the product first; the bits must match).
+MHC_TARGET_AVX512VL MHC_INLINE __m512 add_product_avx512(__m512 a, __m512 b, __m512 x) {
+  __m512 m = _mm512_mul_ps(b, x);
+  MHC_KEEP_IN_REGISTER(m);
+  return _mm512_add_ps(a, m);
+}
+
 /// Eight floats from lo in the low half of a 512-bit register and eight from hi in the high half.
 MHC_TARGET_AVX512VL MHC_INLINE __m512 pair_avx512(const float* lo, const float* hi) {
   return _mm512_castpd_ps(_mm512_maskz_insertf64x4(0xFF, _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(lo))),
@@ -286,11 +294,7 @@ MHC_TARGET_AVX512VL inline void project_8xR_avx512(const float* p, index_t K, co
       const __m512 b =
           _mm512_castpd_ps(_mm512_maskz_broadcast_f64x4(0xFF, _mm256_castps_pd(_mm256_loadu_ps(p + r * K + i))));
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) {
-        __m512 m = _mm512_mul_ps(b, v[q]);
-        MHC_KEEP_IN_REGISTER(m);  // a product, then a sum: never one fused multiply-add
-        a[r][q] = _mm512_add_ps(a[r][q], m);
-      }
+      for (int q = 0; q < 4; ++q) a[r][q] = add_product_avx512(a[r][q], b, v[q]);
     }
   }
 #pragma GCC unroll 8
@@ -723,11 +727,7 @@ MHC_TARGET_AVX512VL MHC_INLINE void input_grad4_groups_avx512(const phi_panel<M,
     for (int a = 0; a < 4; ++a) {
       const __m512 g = _mm512_set1_ps(gu[a * M + j]);
 #pragma GCC unroll 2
-      for (int v = 0; v < G; ++v) {
-        __m512 m = _mm512_mul_ps(g, q[v]);
-        MHC_KEEP_IN_REGISTER(m);  // a product, then a sum: never one fused multiply-add
-        acc[a][v] = _mm512_add_ps(acc[a][v], m);
-      }
+      for (int v = 0; v < G; ++v) acc[a][v] = add_product_avx512(acc[a][v], g, q[v]);
     }
   }
   const __m512 two = _mm512_set1_ps(2.0f);
@@ -855,11 +855,8 @@ MHC_TARGET_AVX512VL MHC_INLINE void grad_phi_tile_avx512(const float* g, const f
 #pragma GCC unroll 12
     for (int q = 0; q < NR; ++q) {
       const __m512 gb = _mm512_set1_ps(g[q]);
-      __m512 m0 = _mm512_mul_ps(gb, x0), m1 = _mm512_mul_ps(gb, x1);
-      MHC_KEEP_IN_REGISTER(m0);  // a product, then a sum: never one fused multiply-add
-      MHC_KEEP_IN_REGISTER(m1);
-      a[q][0] = _mm512_add_ps(a[q][0], m0);
-      a[q][1] = _mm512_add_ps(a[q][1], m1);
+      a[q][0] = add_product_avx512(a[q][0], gb, x0);
+      a[q][1] = add_product_avx512(a[q][1], gb, x1);
     }
   }
 #pragma GCC unroll 12
@@ -879,6 +876,34 @@ MHC_TARGET_AVX512VL void grad_phi_tiles_avx512(const float* g, const float* xb, 
     for (index_t l = 0; l < B; l += 32) grad_phi_tile_avx512<M % NR, M, B, B>(g + j0, xb + l, nt, acc + j0 * B + l);
 }
 
+/// One row of a grad_phi tile: the w <= B elements at x as floats into xb[0..w), zeros to B.
+template <index_t B, class T>
+MHC_TARGET_AVX2 MHC_INLINE void grad_phi_stage_row_avx2(const T* x, index_t w, float* xb) {
+  index_t l = 0;
+  if (w == B)
+    for (; l < B; l += 8) {
+      __m256 v = load8_avx2(x + l);
+      MHC_KEEP_IN_REGISTER(v);  // opaque: GCC -O2 would turn the fp32 copy into a rep movs
+      _mm256_store_ps(xb + l, v);
+    }
+  for (; l < w; ++l) xb[l] = storage_traits<T>::load(x[l]);
+  for (; l < B; ++l) xb[l] = 0.0f;  // padding columns, never stored
+}
+
+/// acc[j][0..B) += g[t*M + j] * xb[t][0..B) for the M rows and the nt staged tokens, in token order:
+/// grad_phi_tiles_avx512 when `wide`, else 16 columns by 6 rows of AVX2 accumulators at a time.
+template <int M, index_t B>
+MHC_TARGET_AVX2 MHC_INLINE void grad_phi_tile_step_avx2(bool wide, const float* g, const float* xb, int nt,
+                                                        float (*acc)[B]) {
+  constexpr int NR = 6;
+  if (wide) return grad_phi_tiles_avx512<M, B>(g, xb, nt, acc[0]);
+  int j0 = 0;
+  for (; j0 + NR <= M; j0 += NR)
+    for (index_t l = 0; l < B; l += 16) grad_phi_tile_avx2<NR, M, B, B>(g + j0, xb + l, nt, acc[j0] + l);
+  if constexpr (M % NR != 0)
+    for (index_t l = 0; l < B; l += 16) grad_phi_tile_avx2<M % NR, M, B, B>(g + j0, xb + l, nt, acc[j0] + l);
+}
+
 /// accumulate_grad_phi_block with AVX2, the same bits (every element from zero, tokens added in order,
 /// g = gz * r then g * x then the sum). A tile of tokens at a time is converted to a buffer (in place,
 /// the rows of R lie a multiple of 4 KiB apart and share the L1 sets), then each 16 columns by 6 rows
@@ -888,7 +913,7 @@ template <int M, class T>
 MHC_TARGET_AVX2 void accumulate_grad_phi_block_avx2(index_t tokens, index_t K, const T* R, const float* gz,
                                                     const float* r, index_t k0, index_t w, float* gphi) {
   constexpr index_t B = grad_phi_block;
-  constexpr int TT = 64, NR = 6;
+  constexpr int TT = 64;
   alignas(64) float acc[M][B];
   alignas(64) float xb[TT][B];
   const bool wide = avx512vl_kernels();
@@ -902,26 +927,10 @@ MHC_TARGET_AVX2 void accumulate_grad_phi_block_avx2(index_t tokens, index_t K, c
       if (t0 + TT + a < tokens)  // the same row of the next tile (6-10% faster than without)
         for (index_t o = 0; o < w * index_t(sizeof(T)); o += 64)
           _mm_prefetch(reinterpret_cast<const char*>(x + TT * K) + o, _MM_HINT_T0);
-      index_t l = 0;
-      if (w == B)
-        for (; l < B; l += 8) {
-          __m256 v = load8_avx2(x + l);
-          MHC_KEEP_IN_REGISTER(v);  // opaque: GCC -O2 would turn the fp32 copy into a rep movs
-          _mm256_store_ps(xb[a] + l, v);
-        }
-      for (; l < w; ++l) xb[a][l] = storage_traits<T>::load(x[l]);
-      for (; l < B; ++l) xb[a][l] = 0.0f;  // padding columns, never stored
+      grad_phi_stage_row_avx2<B>(x, w, xb[a]);
       for (int j = 0; j < M; ++j) g[a * M + j] = gz[(t0 + a) * M + j] * r[t0 + a];
     }
-    if (wide) {
-      grad_phi_tiles_avx512<M, B>(g, xb[0], nt, acc[0]);
-      continue;
-    }
-    int j0 = 0;
-    for (; j0 + NR <= M; j0 += NR)
-      for (index_t l = 0; l < B; l += 16) grad_phi_tile_avx2<NR, M, B, B>(g + j0, xb[0] + l, nt, acc[j0] + l);
-    if constexpr (M % NR != 0)
-      for (index_t l = 0; l < B; l += 16) grad_phi_tile_avx2<M % NR, M, B, B>(g + j0, xb[0] + l, nt, acc[j0] + l);
+    grad_phi_tile_step_avx2<M, B>(wide, g, xb[0], nt, acc);
   }
   for (int j = 0; j < M; ++j)
     for (index_t l = 0; l < w; ++l) gphi[index_t(j) * K + k0 + l] = acc[j][l];
@@ -954,11 +963,7 @@ MHC_TARGET_AVX512VL void grad_phi_rows_avx512(const T* x, index_t K, const float
     for (int q = 0; q < M; ++q) {
       const __m512 gb = _mm512_set1_ps(g[q]);
 #pragma GCC unroll 4
-      for (int h = 0; h < 4; ++h) {
-        __m512 m = _mm512_mul_ps(gb, xv[h]);
-        MHC_KEEP_IN_REGISTER(m);  // a product, then a sum: never one fused multiply-add
-        a[q][h] = _mm512_add_ps(a[q][h], m);
-      }
+      for (int h = 0; h < 4; ++h) a[q][h] = add_product_avx512(a[q][h], gb, xv[h]);
     }
   }
 #pragma GCC unroll 4
@@ -976,7 +981,7 @@ template <int M, class T>
 MHC_TARGET_AVX2 void accumulate_grad_phi_range_avx2(index_t tokens, index_t K, const T* R, const float* gz,
                                                     const float* r, index_t k_begin, index_t k_end, float* gphi) {
   constexpr index_t B = grad_phi_block;
-  constexpr int TT = 64, NR = 6;
+  constexpr int TT = 64;
   alignas(64) float acc[M][B];
   alignas(64) float xb[TT][B];
   const bool wide = avx512vl_kernels();
@@ -1010,10 +1015,14 @@ MHC_TARGET_AVX2 void accumulate_grad_phi_range_avx2(index_t tokens, index_t K, c
       // rows from k_begin, for the first npf rows (those that exist).
       const index_t ahead = k0 + B < k_end ? B : TT * K - (k0 - k_begin);
       const int npf = k0 + B < k_end ? nt : int(std::min<index_t>(nt, std::max<index_t>(0, tokens - t0 - TT)));
-      if (wide && M <= 4 && w == B) {
-        for (index_t l = 0; l < B; l += 64)
-          grad_phi_rows_avx512<(M <= 4 ? M : 4), B>(R + t0 * K + k0 + l, K, g, nt, npf, ahead, acc[0] + l);
-      } else {
+      bool direct = false;  // done by grad_phi_rows_avx512, with no staging
+      if constexpr (M <= 4)
+        if (wide && w == B) {
+          for (index_t l = 0; l < B; l += 64)
+            grad_phi_rows_avx512<M, B>(R + t0 * K + k0 + l, K, g, nt, npf, ahead, acc[0] + l);
+          direct = true;
+        }
+      if (!direct) {
         for (int a = 0; a < nt; ++a) {
           const T* x = R + (t0 + a) * K + k0;
           if (a < npf)
@@ -1021,27 +1030,9 @@ MHC_TARGET_AVX2 void accumulate_grad_phi_range_avx2(index_t tokens, index_t K, c
               _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(x) +
                                                          std::uintptr_t(ahead * index_t(sizeof(T)) + o)),
                            _MM_HINT_T0);
-          index_t l = 0;
-          if (w == B)
-            for (; l < B; l += 8) {
-              __m256 v = load8_avx2(x + l);
-              MHC_KEEP_IN_REGISTER(v);  // opaque: GCC -O2 would turn the fp32 copy into a rep movs
-              _mm256_store_ps(xb[a] + l, v);
-            }
-          for (; l < w; ++l) xb[a][l] = storage_traits<T>::load(x[l]);
-          for (; l < B; ++l) xb[a][l] = 0.0f;  // padding columns, never stored
+          grad_phi_stage_row_avx2<B>(x, w, xb[a]);
         }
-        if (wide) {
-          grad_phi_tiles_avx512<M, B>(g, xb[0], nt, acc[0]);
-        } else {
-          int j0 = 0;
-          for (; j0 + NR <= M; j0 += NR)
-            for (index_t l = 0; l < B; l += 16)
-              grad_phi_tile_avx2<NR, M, B, B>(g + j0, xb[0] + l, nt, acc[j0] + l);
-          if constexpr (M % NR != 0)
-            for (index_t l = 0; l < B; l += 16)
-              grad_phi_tile_avx2<M % NR, M, B, B>(g + j0, xb[0] + l, nt, acc[j0] + l);
-        }
+        grad_phi_tile_step_avx2<M, B>(wide, g, xb[0], nt, acc);
       }
       for (int j = 0; j < M; ++j) {
         float* gj = gphi + index_t(j) * K + k0;
