@@ -634,7 +634,7 @@ struct backend_traits<cpu> {
             if constexpr (std::is_same_v<T, bf16> && std::is_same_v<F, float>)
               if (wide) {
                 done = detail::head_update_block_avx512<N>(gu, phi, K, k0, w, x + k0, gs, out + k0, go + c0,
-                                                           h[t * N + m], pg);  // rounded into out
+                                                           h[t * N + m]);  // rounded into out
               }
 #endif
             if (done < w) {

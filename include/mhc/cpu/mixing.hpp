@@ -592,13 +592,13 @@ MHC_TARGET_AVX512VL MHC_INLINE __m256i bf16_round_avx512(__m512 f) {
 /// head_backward's update of gR over the whole groups of 32 columns of a block with 512-bit registers,
 /// the projection term kept in registers: for l < w / 32 * 32,
 /// v = (load(g[l]) + h load(go[l])) + ((sum_j gu[j] phi[j][k0 + l]) + (2 x[l]) gs), the sum from zero
-/// and j = 0 up, every product opaque: the bits of projection_input_grad then head_update_row. For
-/// bf16, v is rounded and written to g[l] (the row writer's bits); for fp32 it goes to p[l], which the
-/// caller writes. Returns the columns done.
-template <int M, class T>
+/// and j = 0 up, every product opaque: the bits of projection_input_grad then head_update_row, then
+/// rounded to bf16 in registers and written back to g[l] (the row writer's bits). bf16 only: for fp32,
+/// bound by memory, it was no faster than the AVX2 path. Returns the columns done.
+template <int M>
 MHC_TARGET_AVX512VL index_t head_update_block_avx512(const float* gu, const float* phi, index_t K, index_t k0,
-                                                     index_t w, const T* x, float gs, T* g, const T* go,
-                                                     float h, float* p) {
+                                                     index_t w, const bf16* x, float gs, bf16* g, const bf16* go,
+                                                     float h) {
   const index_t full = w / 32 * 32;
   const __m512 two = _mm512_set1_ps(2.0f), gsv = _mm512_set1_ps(gs), hv = _mm512_set1_ps(h);
   for (index_t l = 0; l < full; l += 32) {
@@ -622,10 +622,7 @@ MHC_TARGET_AVX512VL index_t head_update_block_avx512(const float* gu, const floa
       MHC_KEEP_IN_REGISTER(sx);
       MHC_KEEP_IN_REGISTER(hg);
       const __m512 sum = _mm512_add_ps(_mm512_add_ps(load16_avx512(g + c), hg), _mm512_add_ps(o[v], sx));
-      if constexpr (std::is_same_v<T, bf16>)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(g + c), bf16_round_avx512(sum));
-      else
-        _mm512_storeu_ps(p + c, sum);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(g + c), bf16_round_avx512(sum));
     }
   }
   return full;
