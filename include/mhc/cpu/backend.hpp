@@ -143,9 +143,24 @@ struct backend_traits<cpu> {
   template <int M, class T, class F>
   static void accumulate_grad_phi(const cpu& be, index_t tokens, index_t K, const T* R, const F* gz, const F* r,
                                   F* gphi) {
+    const index_t grain = std::max<index_t>(1, 4096 / std::max<index_t>(1, tokens));
+#if MHC_HAVE_AVX2_KERNELS
+    if constexpr (std::is_same_v<F, float> && M > 4)
+      if (be.isa() == cpu_isa::avx2 && detail::avx512vl_kernels()) {
+        constexpr index_t WB = detail::grad_phi_wide_block<M>;
+        be.parallel_for((K + WB - 1) / WB, grain, [&](index_t b0, index_t b1, int) {
+          for (index_t blk = b0; blk < b1; ++blk) {
+            const index_t kn = std::min((blk + 1) * WB, K);
+            detail::accumulate_grad_phi_block_avx512<M>(tokens, K, R, gz, r, blk * WB, kn - blk * WB, kn,
+                                                        blk + 1 < b1 ? std::min(WB, K - kn) : 0, gphi);
+          }
+        });
+        return;
+      }
+#endif
     constexpr index_t B = detail::grad_phi_block;
     const index_t blocks = (K + B - 1) / B;
-    be.parallel_for(blocks, std::max<index_t>(1, 4096 / std::max<index_t>(1, tokens)), [&](index_t b0, index_t b1, int) {
+    be.parallel_for(blocks, grain, [&](index_t b0, index_t b1, int) {
 #if MHC_HAVE_AVX2_KERNELS
       if constexpr (std::is_same_v<F, float> && M <= 4)
         if (be.isa() == cpu_isa::avx2)

@@ -842,16 +842,35 @@ MHC_TARGET_AVX2 MHC_INLINE void grad_phi_tile_avx2(const float* g, const float* 
   for (int q = 0; q < NR; ++q) _mm256_store_ps(acc + q * RW, a[q][0]), _mm256_store_ps(acc + q * RW + 8, a[q][1]);
 }
 
-/// grad_phi_tile_avx2 with 512-bit registers for 32 columns: 2 * NR accumulators (of AVX-512's 32
-/// registers) stay in registers through the tokens, each load of x feeds NR rows. Per element the
-/// same product, then the same sum, tokens in order: the same bits.
-template <int NR, int M, index_t XW, index_t RW>
-MHC_TARGET_AVX512VL MHC_INLINE void grad_phi_tile_avx512(const float* g, const float* xb, int nt, float* acc) {
+/// Software prefetches spread over the token steps of a tile's kernel calls: step s, counted over all
+/// of them, prefetches line s % lines of row s / lines (rows `stride` bytes apart from `base`), for
+/// the first `rows` rows. Each row's lines go out together: one DRAM page at a time.
+struct grad_phi_prefetch {
+  std::uintptr_t base = 0;
+  index_t stride = 0;
+  int rows = 0, lines = 1;
+  MHC_INLINE void at(int s) const {
+    const int row = s / lines;
+    if (row < rows)
+      _mm_prefetch(reinterpret_cast<const char*>(base + std::uintptr_t(row * stride + 64 * (s - row * lines))),
+                   _MM_HINT_T0);
+  }
+};
+
+/// grad_phi_tile_avx2 with 512-bit registers for 32 columns: acc[r][0..32) (rows RW apart) +=
+/// g[t*M + r] * x_t[0..32) (tokens xs elements apart, fp32 or bf16) for rows r < NR and tokens t < nt
+/// in order. 2 * NR accumulators (of AVX-512's 32 registers) stay in registers through the tokens,
+/// each load of x feeds NR rows; token step t makes prefetch step s0 + t. Per element the same
+/// product, then the same sum, tokens in order: the same bits.
+template <int NR, int M, index_t RW, class T>
+MHC_TARGET_AVX512VL MHC_INLINE void grad_phi_tile_avx512(const float* g, const T* x, index_t xs, int nt, float* acc,
+                                                         const grad_phi_prefetch& pf, int s0) {
   __m512 a[NR][2];
 #pragma GCC unroll 12
   for (int q = 0; q < NR; ++q) a[q][0] = _mm512_load_ps(acc + q * RW), a[q][1] = _mm512_load_ps(acc + q * RW + 16);
-  for (int t = 0; t < nt; ++t, g += M, xb += XW) {
-    const __m512 x0 = _mm512_load_ps(xb), x1 = _mm512_load_ps(xb + 16);
+  for (int t = 0; t < nt; ++t, g += M, x += xs) {
+    pf.at(s0 + t);
+    const __m512 x0 = load16_avx512(x), x1 = load16_avx512(x + 16);
 #pragma GCC unroll 12
     for (int q = 0; q < NR; ++q) {
       const __m512 gb = _mm512_set1_ps(g[q]);
@@ -863,17 +882,21 @@ MHC_TARGET_AVX512VL MHC_INLINE void grad_phi_tile_avx512(const float* g, const f
   for (int q = 0; q < NR; ++q) _mm512_store_ps(acc + q * RW, a[q][0]), _mm512_store_ps(acc + q * RW + 16, a[q][1]);
 }
 
-/// The tile step of accumulate_grad_phi_block_avx2 with 512-bit registers: acc[j][0..B) += g[t*M + j]
-/// * xb[t][0..B) for all M rows and the nt tokens of the tile, 32 columns by 12 rows at a time.
-template <int M, index_t B>
-MHC_TARGET_AVX512VL void grad_phi_tiles_avx512(const float* g, const float* xb, int nt, float* acc) {
-  static_assert(B % 32 == 0, "the kernel takes 32 columns at a time");
+/// acc[j][0..cols) (rows RW apart) += g[t*M + j] * x_t[0..cols) for all M rows and the nt tokens of a
+/// tile (cols a multiple of 32), 32 columns by 12 rows at a time, with the prefetches of pf spread
+/// over the calls.
+template <int M, index_t RW, class T>
+MHC_TARGET_AVX512VL void grad_phi_tiles_avx512(const float* g, const T* x, index_t xs, index_t cols, int nt,
+                                               float* acc, const grad_phi_prefetch& pf) {
   constexpr int NR = 12;
+  int s0 = 0;
   int j0 = 0;
   for (; j0 + NR <= M; j0 += NR)
-    for (index_t l = 0; l < B; l += 32) grad_phi_tile_avx512<NR, M, B, B>(g + j0, xb + l, nt, acc + j0 * B + l);
+    for (index_t l = 0; l < cols; l += 32, s0 += nt)
+      grad_phi_tile_avx512<NR, M, RW>(g + j0, x + l, xs, nt, acc + j0 * RW + l, pf, s0);
   if constexpr (M % NR != 0)
-    for (index_t l = 0; l < B; l += 32) grad_phi_tile_avx512<M % NR, M, B, B>(g + j0, xb + l, nt, acc + j0 * B + l);
+    for (index_t l = 0; l < cols; l += 32, s0 += nt)
+      grad_phi_tile_avx512<M % NR, M, RW>(g + j0, x + l, xs, nt, acc + j0 * RW + l, pf, s0);
 }
 
 /// One row of a grad_phi tile: the w <= B elements at x as floats into xb[0..w), zeros to B.
@@ -896,7 +919,7 @@ template <int M, index_t B>
 MHC_TARGET_AVX2 MHC_INLINE void grad_phi_tile_step_avx2(bool wide, const float* g, const float* xb, int nt,
                                                         float (*acc)[B]) {
   constexpr int NR = 6;
-  if (wide) return grad_phi_tiles_avx512<M, B>(g, xb, nt, acc[0]);
+  if (wide) return grad_phi_tiles_avx512<M, B>(g, xb, B, B, nt, acc[0], grad_phi_prefetch{});
   int j0 = 0;
   for (; j0 + NR <= M; j0 += NR)
     for (index_t l = 0; l < B; l += 16) grad_phi_tile_avx2<NR, M, B, B>(g + j0, xb + l, nt, acc[j0] + l);
@@ -907,8 +930,8 @@ MHC_TARGET_AVX2 MHC_INLINE void grad_phi_tile_step_avx2(bool wide, const float* 
 /// accumulate_grad_phi_block with AVX2, the same bits (every element from zero, tokens added in order,
 /// g = gz * r then g * x then the sum). A tile of tokens at a time is converted to a buffer (in place,
 /// the rows of R lie a multiple of 4 KiB apart and share the L1 sets), then each 16 columns by 6 rows
-/// of accumulators go through the tile's tokens in registers: each load of x feeds 6 rows (with
-/// AVX-512, grad_phi_tiles_avx512: 32 columns by 12 rows).
+/// of accumulators go through the tile's tokens in registers: each load of x feeds 6 rows. (With
+/// AVX-512, rows M > 4 take accumulate_grad_phi_block_avx512, M <= 4 accumulate_grad_phi_range_avx2.)
 template <int M, class T>
 MHC_TARGET_AVX2 void accumulate_grad_phi_block_avx2(index_t tokens, index_t K, const T* R, const float* gz,
                                                     const float* r, index_t k0, index_t w, float* gphi) {
@@ -916,7 +939,6 @@ MHC_TARGET_AVX2 void accumulate_grad_phi_block_avx2(index_t tokens, index_t K, c
   constexpr int TT = 64;
   alignas(64) float acc[M][B];
   alignas(64) float xb[TT][B];
-  const bool wide = avx512vl_kernels();
   float g[TT * M];
   for (int j = 0; j < M; ++j)
     for (index_t l = 0; l < B; ++l) acc[j][l] = 0.0f;
@@ -930,7 +952,7 @@ MHC_TARGET_AVX2 void accumulate_grad_phi_block_avx2(index_t tokens, index_t K, c
       grad_phi_stage_row_avx2<B>(x, w, xb[a]);
       for (int j = 0; j < M; ++j) g[a * M + j] = gz[(t0 + a) * M + j] * r[t0 + a];
     }
-    grad_phi_tile_step_avx2<M, B>(wide, g, xb[0], nt, acc);
+    grad_phi_tile_step_avx2<M, B>(false, g, xb[0], nt, acc);
   }
   for (int j = 0; j < M; ++j)
     for (index_t l = 0; l < w; ++l) gphi[index_t(j) * K + k0 + l] = acc[j][l];
@@ -1046,6 +1068,54 @@ MHC_TARGET_AVX2 void accumulate_grad_phi_range_avx2(index_t tokens, index_t K, c
       }
     }
   }
+}
+
+/// Columns of a block of accumulate_grad_phi_block_avx512 for M rows: as many as keep its M x B
+/// accumulators within 48 KiB (an L1 data cache), 128 to 512, a multiple of 32. Wider blocks read
+/// each row of R in longer runs: at M = 24 (n = 4), 512 columns took a third less time than 128.
+template <int M>
+inline constexpr index_t grad_phi_wide_block = std::max<index_t>(128, std::min<index_t>(512, 12288 / M / 32 * 32));
+
+/// accumulate_grad_phi_block with 512-bit registers for M > 4 rows, the same bits: tiles of 16
+/// tokens, read in place from the rows of R by grad_phi_tiles_avx512 (at M = 24, 16% faster in fp32
+/// than copying the tile to a buffer first), but for the last w % 32 columns, which are staged with
+/// zero padding. While a tile is summed, the prefetches spread over its kernel calls bring in the next
+/// tile's rows, or at the last tile the first rows of the next block [k_next, k_next + w_next)
+/// (w_next = 0: none).
+template <int M, class T>
+MHC_TARGET_AVX512VL void accumulate_grad_phi_block_avx512(index_t tokens, index_t K, const T* R, const float* gz,
+                                                          const float* r, index_t k0, index_t w, index_t k_next,
+                                                          index_t w_next, float* gphi) {
+  constexpr index_t B = grad_phi_wide_block<M>;
+  constexpr int TT = 16;
+  alignas(64) float acc[M][B];
+  alignas(64) float xt[TT][32];  // the staged last columns
+  float g[TT * M];
+  const index_t full = w / 32 * 32, cols = (w + 31) / 32 * 32;
+  for (int j = 0; j < M; ++j)
+    for (index_t l = 0; l < cols; l += 16) _mm512_store_ps(acc[j] + l, _mm512_setzero_ps());
+  for (index_t t0 = 0; t0 < tokens; t0 += TT) {
+    const int nt = int(tokens - t0 < TT ? tokens - t0 : TT);
+    for (int a = 0; a < nt; ++a)
+      for (int j = 0; j < M; ++j) g[a * M + j] = gz[(t0 + a) * M + j] * r[t0 + a];
+    grad_phi_prefetch pf;
+    const T* next = t0 + TT < tokens ? R + (t0 + TT) * K + k0 : R + k_next;
+    const index_t next_w = t0 + TT < tokens ? w : w_next;
+    if (next_w > 0) {
+      const std::uintptr_t a0 = reinterpret_cast<std::uintptr_t>(next);
+      pf.base = a0 & ~std::uintptr_t(63);
+      pf.stride = K * index_t(sizeof(T));
+      pf.lines = int((a0 - pf.base + std::uintptr_t(next_w) * sizeof(T) + 63) / 64);
+      pf.rows = int(std::min<index_t>(TT, t0 + TT < tokens ? tokens - t0 - TT : tokens));
+    }
+    grad_phi_tiles_avx512<M, B>(g, R + t0 * K + k0, K, full, nt, acc[0], pf);
+    if (full < w) {
+      for (int a = 0; a < nt; ++a) grad_phi_stage_row_avx2<32>(R + (t0 + a) * K + k0 + full, w - full, xt[a]);
+      grad_phi_tiles_avx512<M, B>(g, xt[0], 32, 32, nt, acc[0] + full, grad_phi_prefetch{});
+    }
+  }
+  for (int j = 0; j < M; ++j)
+    for (index_t l = 0; l < w; ++l) gphi[index_t(j) * K + k0 + l] = acc[j][l];
 }
 #endif
 
