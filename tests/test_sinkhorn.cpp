@@ -437,3 +437,43 @@ TEST(SinkhornReplay, EqualsScratchBackwardBitForBit) {
 }
 
 }  // namespace
+
+// The CPU backend's Sinkhorn and Sinkhorn backward of eight tokens at once (one per lane of an AVX2
+// vector) equal the baseline kernel's one token at a time bit for bit: token counts around a multiple of eight (the
+// unused lanes of the last group), out of place and in place, logits large enough that whole columns
+// underflow to exact zeros (eps = 0: the nonzero() denominators, without which 0 / 0 would make
+// NaNs), and a NaN and an Inf in two tokens' logits (those tokens' results are NaN, the same bits).
+template <int N>
+void lanes_equal_scalar() {
+  for (index_t tokens : {1, 7, 8, 9, 29})
+    for (int iters : {1, 20})
+      for (double eps : {0.0, 1e-6}) {
+        auto L = mhc_test::to<float>(mhc_test::normal(std::size_t(tokens * N * N), 40.0, 71 + tokens * N));
+        const auto gP = mhc_test::to<float>(mhc_test::normal(std::size_t(tokens * N * N), 1.0, 73 + tokens));
+        if (tokens > 8) {
+          L[std::size_t(3 * N * N + 1 % (N * N))] = std::numeric_limits<float>::quiet_NaN();
+          L[std::size_t(8 * N * N)] = std::numeric_limits<float>::infinity();
+        }
+        if (N > 1)  // the last token's column 0 underflows in every row: its sum is an exact 0 at eps = 0
+          for (int i = 0; i < N; ++i) L[std::size_t((tokens - 1) * N * N + i * N)] = -1000.0f;
+        const mhc::cpu base(1, mhc::cpu_isa::baseline), wide(2, mhc::cpu_isa::avx2);
+        const auto ref = project_backward<mhc::cpu, N, float>(base, tokens, L, gP, iters, eps);
+        for (float v : ref) ASSERT_FALSE(std::isnan(v) && tokens <= 8) << "a NaN from finite logits";
+        for (bool in_place : {false, true})
+          EXPECT_TRUE(mhc_test::bit_equal(ref, project_backward<mhc::cpu, N, float>(wide, tokens, L, gP, iters, eps,
+                                                                                     in_place)))
+              << at(N, iters, eps) << " tokens=" << tokens << (in_place ? " in place" : "");
+        EXPECT_TRUE(mhc_test::bit_equal(project<mhc::cpu, N, float>(base, tokens, L, iters, eps),
+                                        project<mhc::cpu, N, float>(wide, tokens, L, iters, eps)))
+            << "forward, " << at(N, iters, eps) << " tokens=" << tokens;
+      }
+}
+
+TEST(SinkhornLanes, EqualScalarBitForBit) {
+  if (!mhc::cpu_isa_supported(mhc::cpu_isa::avx2)) GTEST_SKIP() << "this processor or build has no AVX2 kernels";
+  lanes_equal_scalar<1>();
+  lanes_equal_scalar<2>();
+  lanes_equal_scalar<3>();
+  lanes_equal_scalar<4>();
+  lanes_equal_scalar<8>();
+}

@@ -13,6 +13,7 @@
 #include "mhc/cpu/cpu.hpp"
 #include "mhc/cpu/mixing.hpp"
 #include "mhc/cpu/projection.hpp"
+#include "mhc/cpu/sinkhorn.hpp"
 #include "mhc/cpu/stream.hpp"
 #include "mhc/ops/scalar.hpp"
 #include "mhc/ops/validate.hpp"
@@ -228,20 +229,38 @@ struct backend_traits<cpu> {
     });
   }
 
-  /// Per-token part of the gates backward (with the Sinkhorn replay for the manifold mapping).
+  /// The gates backward of nt consecutive tokens (pointers at the first one's values), with the
+  /// Sinkhorn replay of the manifold mapping: detail::sinkhorn_backward_tokens, several tokens at
+  /// once with the AVX2 kernels. scratch: detail::sinkhorn_tokens_scratch_size elements.
   template <int N, class Mapping, class F>
-  static void gates_backward_token(const F* u, F r, const F* alpha, const F* bias, const config& cfg, const F* gpre,
-                                   const F* gpost, const F* gcomb, F* gz, F* gb, F* ga3, F* scratch) {
+  static void gates_backward_tokens(cpu_isa isa, index_t nt, const F* u, const F* r, const F* alpha, const F* bias,
+                                    const config& cfg, const F* gpre, const F* gpost, const F* gcomb, F* gz, F* gb,
+                                    F* ga3, F* scratch) {
+    constexpr int M = coeff_count<N>, NN = N * N, V = detail::sinkhorn_lanes;
     const F post_mult = static_cast<F>(cfg.post_mult);
     if constexpr (scalar::gates<Mapping>::needs_sinkhorn) {
-      F pre_tmp[N], post_tmp[N], L[N * N], gL[N * N];
-      scalar::gates<Mapping>::template forward<N>(u, r, alpha, bias, static_cast<F>(cfg.eps_pre), post_mult, pre_tmp,
-                                                  post_tmp, L);
-      scalar::sinkhorn_backward<N>(L, gcomb, gL, cfg.sinkhorn_iters, static_cast<F>(cfg.eps_sinkhorn), scratch);
-      scalar::gates<Mapping>::template backward<N>(u, r, alpha, bias, post_mult, gpre, gpost, gL, gz, gb, ga3);
+      for (index_t t0 = 0; t0 < nt; t0 += V) {
+        const int nv = int(std::min<index_t>(V, nt - t0));
+        F L[V * NN], gL[V * NN];
+        for (int a = 0; a < nv; ++a) {
+          const index_t t = t0 + a;
+          F pre_tmp[N], post_tmp[N];
+          scalar::gates<Mapping>::template forward<N>(u + t * M, r[t], alpha, bias, static_cast<F>(cfg.eps_pre),
+                                                      post_mult, pre_tmp, post_tmp, L + a * NN);
+        }
+        detail::sinkhorn_backward_tokens<N>(isa, nv, L, gcomb + t0 * NN, gL, cfg.sinkhorn_iters,
+                                            static_cast<F>(cfg.eps_sinkhorn), scratch);
+        for (int a = 0; a < nv; ++a) {
+          const index_t t = t0 + a;
+          scalar::gates<Mapping>::template backward<N>(u + t * M, r[t], alpha, bias, post_mult, gpre + t * N,
+                                                       gpost + t * N, gL + a * NN, gz + t * M, gb + t * M, ga3 + t * 3);
+        }
+      }
     } else {
-      (void)scratch;
-      scalar::gates<Mapping>::template backward<N>(u, r, alpha, bias, post_mult, gpre, gpost, gcomb, gz, gb, ga3);
+      (void)isa, (void)scratch;
+      for (index_t t = 0; t < nt; ++t)
+        scalar::gates<Mapping>::template backward<N>(u + t * M, r[t], alpha, bias, post_mult, gpre + t * N,
+                                                     gpost + t * N, gcomb + t * NN, gz + t * M, gb + t * M, ga3 + t * 3);
     }
   }
 
@@ -258,7 +277,7 @@ struct backend_traits<cpu> {
 
   template <int N, class F>
   static index_t sinkhorn_backward_workspace_size(const cpu& be, index_t /*tokens*/, int iters) {
-    return index_t(be.threads()) * sinkhorn_scratch_size(N, iters);
+    return index_t(be.threads()) * detail::sinkhorn_tokens_scratch_size(N, iters);
   }
 
   template <int N, class F>
@@ -274,12 +293,11 @@ struct backend_traits<cpu> {
     F* gb = ws;
     F* ga3 = gb + tokens * M;
     F* scratch = ga3 + tokens * 3;
-    const index_t per_worker = sinkhorn_scratch_size(N, cfg.sinkhorn_iters);
+    const index_t per_worker = detail::sinkhorn_tokens_scratch_size(N, cfg.sinkhorn_iters);
     be.parallel_for(tokens, 64, [&](index_t b, index_t e, int w) {
-      for (index_t t = b; t < e; ++t)
-        gates_backward_token<N, Mapping>(u + t * M, r[t], alpha, bias, cfg, gpre + t * N, gpost + t * N,
-                                         gcomb + t * N * N, gz + t * M, gb + t * M, ga3 + t * 3,
-                                         scratch + w * per_worker);
+      gates_backward_tokens<N, Mapping>(be.isa(), e - b, u + b * M, r + b, alpha, bias, cfg, gpre + b * N,
+                                        gpost + b * N, gcomb + b * N * N, gz + b * M, gb + b * M, ga3 + b * 3,
+                                        scratch + w * per_worker);
     });
     reduce_alpha_bias<M>(tokens, gb, ga3, 3, galpha, gbias);
   }
@@ -289,17 +307,17 @@ struct backend_traits<cpu> {
   template <int N, class F>
   static void sinkhorn(const cpu& be, index_t tokens, const F* L, F* P, int iters, F eps) {
     be.parallel_for(tokens, 512, [&](index_t b, index_t e, int) {
-      for (index_t t = b; t < e; ++t) scalar::sinkhorn<N>(L + t * N * N, P + t * N * N, iters, eps);
+      detail::sinkhorn_tokens<N>(be.isa(), e - b, L + b * N * N, P + b * N * N, iters, eps);
     });
   }
 
   template <int N, class F>
   static void sinkhorn_backward(const cpu& be, index_t tokens, const F* L, const F* gP, int iters, F eps, F* gL,
                                 F* ws) {
-    const index_t per_worker = sinkhorn_scratch_size(N, iters);
+    const index_t per_worker = detail::sinkhorn_tokens_scratch_size(N, iters);
     be.parallel_for(tokens, 64, [&](index_t b, index_t e, int w) {
-      for (index_t t = b; t < e; ++t)
-        scalar::sinkhorn_backward<N>(L + t * N * N, gP + t * N * N, gL + t * N * N, iters, eps, ws + w * per_worker);
+      detail::sinkhorn_backward_tokens<N>(be.isa(), e - b, L + b * N * N, gP + b * N * N, gL + b * N * N, iters, eps,
+                                          ws + w * per_worker);
     });
   }
 
@@ -391,14 +409,13 @@ struct backend_traits<cpu> {
       be.parallel_for(s.tokens, token_grain(K * M), [&](index_t b, index_t e, int) {
         with_isa<Store>(be, [&]() MHC_ALWAYS_INLINE_LAMBDA {
         projection_groups<M>(be, b, e, R, K, phi, eps_rms, u, r, [&](index_t t0, int nt) MHC_ALWAYS_INLINE_LAMBDA {
-          for (index_t t = t0; t < t0 + nt; ++t) {
-            F* cb = comb + t * N * N;
+          for (index_t t = t0; t < t0 + nt; ++t)
             scalar::gates<Mapping>::template forward<N>(u + t * M, r[t], alpha, bias, eps_pre, post_mult,
-                                                        pre_w + t * N, post_w + t * N, cb);
-            if constexpr (scalar::gates<Mapping>::needs_sinkhorn)
-              scalar::sinkhorn<N>(cb, cb, cfg.sinkhorn_iters, eps_sk);
+                                                        pre_w + t * N, post_w + t * N, comb + t * N * N);
+          if constexpr (scalar::gates<Mapping>::needs_sinkhorn)
+            detail::sinkhorn_tokens<N>(be.isa(), nt, comb + t0 * N * N, comb + t0 * N * N, cfg.sinkhorn_iters, eps_sk);
+          for (index_t t = t0; t < t0 + nt; ++t)
             pre_apply_columns<N, Store>(pre_w + t * N, R + t * K, C, y + t * C, 0, C);
-          }
         });
         detail::stream_fence();
         });
@@ -423,7 +440,7 @@ struct backend_traits<cpu> {
     F* gb = gz + tokens * M;
     F* ga3 = gb + tokens * M;
     F* scratch = ga3 + tokens * 3;
-    const index_t per_worker = sinkhorn_scratch_size(N, cfg.sinkhorn_iters);
+    const index_t per_worker = detail::sinkhorn_tokens_scratch_size(N, cfg.sinkhorn_iters);
 #if MHC_HAVE_AVX2_KERNELS
     const bool wide = be.isa() == cpu_isa::avx2 && detail::avx512vl_kernels();
 #endif
@@ -440,13 +457,13 @@ struct backend_traits<cpu> {
         detail::phi_panel<M, F, W> pn[N];
         for (index_t t0 = b; t0 < e; t0 += S) {
           const int nt = int(std::min<index_t>(S, e - t0));
-          F gu[S * M], gs[S];
+          F gu[S * M], gs[S], gpre[S * N];
+          for (int a = 0; a < nt; ++a) detail::grad_pre<N>(be.isa(), R + (t0 + a) * K, gy_in + (t0 + a) * C, C, gpre + a * N);
+          gates_backward_tokens<N, Mapping>(be.isa(), nt, u + t0 * M, r + t0, alpha, bias, cfg, gpre, gpost + t0 * N,
+                                            gcomb + t0 * N * N, gz + t0 * M, gb + t0 * M, ga3 + t0 * 3,
+                                            scratch + w * per_worker);
           for (int a = 0; a < nt; ++a) {
             const index_t t = t0 + a;
-            F gpre[N];
-            detail::grad_pre<N>(be.isa(), R + t * K, gy_in + t * C, C, gpre);
-            gates_backward_token<N, Mapping>(u + t * M, r[t], alpha, bias, cfg, gpre, gpost + t * N, gcomb + t * N * N,
-                                             gz + t * M, gb + t * M, ga3 + t * 3, scratch + w * per_worker);
             gs[a] = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu + a * M);
           }
           for (index_t c0 = 0; c0 < C; c0 += W) {

@@ -89,17 +89,25 @@ MHC_HOST_DEVICE MHC_INLINE void normalize_cols(F* P, F eps, F* d) {
   }
 }
 
-/// Sinkhorn-Knopp projection of logits L (n x n, comb orientation) into P, exactly as SPEC.md
-/// section 3: softmax, +eps, column step, then iters-1 rounds of row step + column step.
+/// The steps of sinkhorn after the row softmax, in place on P: +eps, column step, then iters-1 rounds
+/// of row step + column step. F is a float type, or a vector of them with the same arithmetic per
+/// lane (the CPU backend's several tokens at once).
 template <int N, class F>
-MHC_HOST_DEVICE MHC_INLINE void sinkhorn(const F* L, F* P, int iters, F eps) {
-  row_softmax<N>(L, P);
+MHC_HOST_DEVICE MHC_INLINE void sinkhorn_normalize(F* P, int iters, F eps) {
   for (int k = 0; k < N * N; ++k) P[k] += eps;
   normalize_cols<N>(P, eps, static_cast<F*>(nullptr));
   for (int it = 1; it < iters; ++it) {
     normalize_rows<N>(P, eps, static_cast<F*>(nullptr));
     normalize_cols<N>(P, eps, static_cast<F*>(nullptr));
   }
+}
+
+/// Sinkhorn-Knopp projection of logits L (n x n, comb orientation) into P, exactly as SPEC.md
+/// section 3: softmax, +eps, column step, then iters-1 rounds of row step + column step.
+template <int N, class F>
+MHC_HOST_DEVICE MHC_INLINE void sinkhorn(const F* L, F* P, int iters, F eps) {
+  row_softmax<N>(L, P);
+  sinkhorn_normalize<N>(P, iters, eps);
 }
 
 /// Gradient of one normalisation step Y = X / (S + eps) along rows (by_rows) or columns, in place:
@@ -119,15 +127,14 @@ MHC_HOST_DEVICE MHC_INLINE void normalize_backward(F* g, const F* Y, const F* d,
   }
 }
 
-/// Exact Sinkhorn backward by replay: recomputes the forward from L keeping every intermediate in
-/// `scratch` (sinkhorn_scratch_size(N, iters) elements), then walks the steps backwards. gL may alias gP.
+/// sinkhorn_backward given the row softmax S0 of the logits: replays the normalisation steps into Y
+/// ((2 iters - 1)(n*n + n) elements: each step's output, then its denominators), then walks them
+/// backwards. gL may alias gP. F is a float type, or a vector of them with the same arithmetic per
+/// lane (the CPU backend's several tokens at once).
 template <int N, class F>
-MHC_HOST_DEVICE MHC_INLINE void sinkhorn_backward(const F* L, const F* gP, F* gL, int iters, F eps, F* scratch) {
+MHC_HOST_DEVICE MHC_INLINE void sinkhorn_backward_softmax(const F* S0, const F* gP, F* gL, int iters, F eps, F* Y) {
   constexpr int NN = N * N;
   const int steps = 2 * iters - 1;  // normalisation steps: col, (row, col) * (iters - 1)
-  F* S0 = scratch;                  // softmax output
-  F* Y = scratch + NN;              // Y_k at Y + k*(NN+N), d_k right after it
-  row_softmax<N>(L, S0);
   const F* prev = S0;
   for (int k = 0; k < steps; ++k) {
     F* Yk = Y + index_t(k) * (NN + N);
@@ -150,6 +157,14 @@ MHC_HOST_DEVICE MHC_INLINE void sinkhorn_backward(const F* L, const F* gP, F* gL
     for (int o = 0; o < N; ++o) dot += g[i * N + o] * S0[i * N + o];
     for (int o = 0; o < N; ++o) gL[i * N + o] = S0[i * N + o] * (g[i * N + o] - dot);
   }
+}
+
+/// Exact Sinkhorn backward by replay: recomputes the forward from L keeping every intermediate in
+/// `scratch` (sinkhorn_scratch_size(N, iters) elements), then walks the steps backwards. gL may alias gP.
+template <int N, class F>
+MHC_HOST_DEVICE MHC_INLINE void sinkhorn_backward(const F* L, const F* gP, F* gL, int iters, F eps, F* scratch) {
+  row_softmax<N>(L, scratch);
+  sinkhorn_backward_softmax<N>(scratch, gP, gL, iters, eps, scratch + N * N);
 }
 
 /// The same exact Sinkhorn backward with no scratch: each step's output and denominators are recomputed
