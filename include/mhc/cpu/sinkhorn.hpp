@@ -17,7 +17,7 @@
 namespace mhc {
 namespace detail {
 
-/// Tokens per group of sinkhorn_backward_tokens.
+/// Tokens per group of sinkhorn_tokens and sinkhorn_backward_tokens.
 inline constexpr int sinkhorn_lanes = 8;
 
 /// Elements of scratch sinkhorn_backward_tokens needs: a token's for each lane.
@@ -28,7 +28,7 @@ constexpr index_t sinkhorn_tokens_scratch_size(int n, int iters) {
 #if MHC_HAVE_AVX2_KERNELS
 /// Eight floats, one token's per lane, with the arithmetic scalar::sinkhorn_backward_softmax uses.
 /// Plain GCC vector code (no target attribute, so the scalar templates can be instantiated with it),
-/// compiled for AVX2 inside sinkhorn_backward_lanes. Aligned as a float, so the scratch may be any
+/// compiled for AVX2 inside sinkhorn_forward_lanes and sinkhorn_backward_lanes. Aligned as a float, so the scratch may be any
 /// float buffer.
 struct __attribute__((may_alias)) f32x8 {
   typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
