@@ -26,20 +26,36 @@ constexpr index_t sinkhorn_tokens_scratch_size(int n, int iters) {
 }
 
 #if MHC_HAVE_AVX2_KERNELS
-/// Eight floats, one token's per lane, with the arithmetic scalar::sinkhorn_backward_softmax uses.
-/// Plain GCC vector code (no target attribute, so the scalar templates can be instantiated with it),
-/// compiled for AVX2 inside sinkhorn_forward_lanes and sinkhorn_backward_lanes. Aligned as a float, so the scratch may be any
-/// float buffer.
+/// Eight floats, one token's per lane, with the arithmetic of scalar::sinkhorn_normalize and
+/// scalar::sinkhorn_backward_softmax. Plain GCC vector code (no target attribute, so the scalar
+/// templates can be instantiated with it), compiled for AVX2 inside sinkhorn_forward_lanes and
+/// sinkhorn_backward_lanes. Aligned as a float, so the scratch may be any float buffer.
 struct __attribute__((may_alias)) f32x8 {
   typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
   v8 v;
   f32x8() = default;
   MHC_INLINE f32x8(float s) : v(v8{s, s, s, s, s, s, s, s}) {}  // NOLINT: implicit, as F(0) in the templates
-  MHC_INLINE explicit f32x8(v8 x) : v(x) {}
-  MHC_INLINE friend f32x8 operator+(const f32x8& a, const f32x8& b) { return f32x8(a.v + b.v); }
-  MHC_INLINE friend f32x8 operator-(const f32x8& a, const f32x8& b) { return f32x8(a.v - b.v); }
-  MHC_INLINE friend f32x8 operator*(const f32x8& a, const f32x8& b) { return f32x8(a.v * b.v); }
-  MHC_INLINE friend f32x8 operator/(const f32x8& a, const f32x8& b) { return f32x8(a.v / b.v); }
+  // No function takes or returns a bare v8: outside AVX code its argument ABI would differ (-Wpsabi).
+  MHC_INLINE friend f32x8 operator+(const f32x8& a, const f32x8& b) {
+    f32x8 r;
+    r.v = a.v + b.v;
+    return r;
+  }
+  MHC_INLINE friend f32x8 operator-(const f32x8& a, const f32x8& b) {
+    f32x8 r;
+    r.v = a.v - b.v;
+    return r;
+  }
+  MHC_INLINE friend f32x8 operator*(const f32x8& a, const f32x8& b) {
+    f32x8 r;
+    r.v = a.v * b.v;
+    return r;
+  }
+  MHC_INLINE friend f32x8 operator/(const f32x8& a, const f32x8& b) {
+    f32x8 r;
+    r.v = a.v / b.v;
+    return r;
+  }
   MHC_INLINE f32x8& operator+=(const f32x8& b) {
     v = v + b.v;
     return *this;
@@ -48,8 +64,10 @@ struct __attribute__((may_alias)) f32x8 {
 
 /// scalar::nonzero per lane: an exact 0 becomes 1 (found by argument-dependent lookup).
 MHC_INLINE f32x8 nonzero(const f32x8& den) {
-  const f32x8::v8 one = f32x8(1.0f).v;
-  return f32x8(den.v == f32x8(0.0f).v ? one : den.v);
+  const f32x8 one(1.0f), zero(0.0f);
+  f32x8 r;
+  r.v = den.v == zero.v ? one.v : den.v;
+  return r;
 }
 
 /// Eight tokens' row softmaxes (scalar, one token at a time) into the lanes of S: token a of the nt
