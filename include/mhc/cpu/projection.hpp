@@ -272,14 +272,37 @@ MHC_TARGET_AVX512VL MHC_INLINE void load_pairs8_avx512(const T* const* x, index_
   for (int a = 0; a < 8; ++a) _mm256_storeu_ps(sq[a], s[a]);
 }
 
+/// Prefetches the chunk project_block_avx512 copies next, `per` lines per step: steps spread over
+/// the chunk's multiply-adds keep a few misses in flight at a time (a burst of hundreds, as one
+/// batch per group of rows was, fills the load queue and stalls the multiply-adds behind it).
+struct chunk_prefetch {
+  const char* base[8];  // each token's first byte of the chunk
+  index_t lines = 0;    // lines per token
+  index_t per = 0;      // lines per step
+  int a = 8;            // the token and line of the next step; a == 8: nothing left
+  index_t l = 0;
+  MHC_INLINE void one() {
+    _mm_prefetch(base[a] + l * 64, _MM_HINT_NTA);
+    if (++l == lines) l = 0, ++a;
+  }
+  MHC_INLINE void step() {
+    if (a < 8) {
+      one();
+      for (index_t n = 1; n < per && a < 8; ++n) one();
+    }
+  }
+};
+
 /// acc[a][j0 + r][l] += lanes of phi[j0 + r][k0 + i] * x[a][k0 + i] over w elements (a multiple
 /// of 8) for eight tokens a and R rows r, from load_pairs8_avx512's buffers: each 512-bit register
 /// holds one row's eight lanes for two tokens, the row's eight elements broadcast to both halves feed
 /// four such products, and 4R accumulators stay in registers. Per lane the same product, then the
-/// same sum, in the same order as scalar::project_row: the same bits.
+/// same sum, in the same order as scalar::project_row: the same bits. Each step of eight elements
+/// takes one step of pf.
 template <int R, int M>
 MHC_TARGET_AVX512VL inline void project_8xR_avx512(const float* p, index_t K, const float (*xp)[pair_buffer], index_t w,
-                                                   float (*acc)[M][scalar::projection_lanes], int j0) {
+                                                   float (*acc)[M][scalar::projection_lanes], int j0,
+                                                   chunk_prefetch& pf) {
   __m512 a[R][4];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -287,6 +310,7 @@ MHC_TARGET_AVX512VL inline void project_8xR_avx512(const float* p, index_t K, co
     for (int q = 0; q < 4; ++q) a[r][q] = pair_avx512(acc[2 * q][j0 + r], acc[2 * q + 1][j0 + r]);
   const float *x0 = xp[0], *x1 = xp[1], *x2 = xp[2], *x3 = xp[3];
   for (index_t i = 0; i < w; i += 8) {
+    pf.step();
     const __m512 v[4] = {_mm512_load_ps(x0 + 2 * i), _mm512_load_ps(x1 + 2 * i), _mm512_load_ps(x2 + 2 * i),
                          _mm512_load_ps(x3 + 2 * i)};
 #pragma GCC unroll 8
@@ -337,7 +361,7 @@ MHC_TARGET_AVX512VL void project_block_avx512(const T* const* x, index_t K, cons
                                               float (*acc)[M][scalar::projection_lanes],
                                               float (*sq)[scalar::projection_lanes], bool more) {
   constexpr index_t chunk = scalar::projection_chunk;
-  constexpr int R = projection_rows512, groups = (M + R - 1) / R;
+  constexpr int R = projection_rows512;
   alignas(64) float xp[4][pair_buffer];
   for (index_t k0 = 0; k0 < K; k0 += chunk) {
     const index_t w = K - k0 < chunk ? K - k0 : chunk, full = w / 8 * 8;
@@ -347,24 +371,18 @@ MHC_TARGET_AVX512VL void project_block_avx512(const T* const* x, index_t K, cons
       next = k0 + chunk, nw = K - k0 - chunk < chunk ? K - k0 - chunk : chunk;
     else if (more)
       next = 8 * K, nw = K < chunk ? K : chunk;
-    const index_t lines = (nw * index_t(sizeof(T)) + 63) / 64, per = (8 * lines + groups - 1) / groups;
-    int pa = 0;  // the token and line the next prefetch is for
-    index_t pl = 0;
-    auto prefetch = [&]() MHC_ALWAYS_INLINE_LAMBDA {
-      for (index_t n = 0; n < per && pa < 8; ++n) {
-        _mm_prefetch(reinterpret_cast<const char*>(x[pa] + next) + pl * 64, _MM_HINT_NTA);
-        if (++pl == lines) pl = 0, ++pa;
-      }
-    };
+    chunk_prefetch pf;
+    if (next >= 0 && full > 0) {
+      const index_t steps = (M + R - 1) / R * (full / 8);  // of the project_8xR_avx512 calls below
+      pf.lines = (nw * index_t(sizeof(T)) + 63) / 64, pf.a = 0;
+      pf.per = (8 * pf.lines + steps - 1) / steps;
+      for (int a = 0; a < 8; ++a) pf.base[a] = reinterpret_cast<const char*>(x[a] + next);
+    }
     int j = 0;
-    for (; j + R <= M; j += R) {
-      if (next >= 0) prefetch();
-      project_8xR_avx512<R, M>(phi + index_t(j) * K + k0, K, xp, full, acc, j);
-    }
-    if constexpr (M % R != 0) {
-      if (next >= 0) prefetch();
-      project_8xR_avx512<M % R, M>(phi + index_t(j) * K + k0, K, xp, full, acc, j);
-    }
+    for (; j + R <= M; j += R)
+      project_8xR_avx512<R, M>(phi + index_t(j) * K + k0, K, xp, full, acc, j, pf);
+    if constexpr (M % R != 0)
+      project_8xR_avx512<M % R, M>(phi + index_t(j) * K + k0, K, xp, full, acc, j, pf);
     if (full < w) project_block_tail<M>(x, K, phi, k0 + full, w - full, acc, sq);
   }
 }
@@ -619,11 +637,15 @@ constexpr index_t panel_width(int nb) {
 /// (rows K or C apart, a few KiB each), and the loads stall on memory without it.
 template <class T>
 struct prefetch_rows {
-  static constexpr int capacity = 12;
+  static constexpr int capacity = 12, far_capacity = 4;
   const T* row[capacity];
-  int n = 0;
+  const T* far[far_capacity];  // rows wanted later, not by the next call: fetched to L2, not L1
+  int n = 0, nf = 0;
   void add(const T* p) {
     if (n < capacity) row[n++] = p;
+  }
+  void add_far(const T* p) {
+    if (nf < far_capacity) far[nf++] = p;
   }
   /// Prefetches elements [l, l + e) of every row (e * sizeof(T) a multiple of 64 bytes or less). The
   /// addresses are computed as integers: near the end of a buffer they may lie past it (a prefetch
@@ -633,6 +655,11 @@ struct prefetch_rows {
       const std::uintptr_t p = reinterpret_cast<std::uintptr_t>(row[r]) + std::uintptr_t(l) * sizeof(T);
       for (index_t o = 0; o < e * index_t(sizeof(T)); o += 64)
         __builtin_prefetch(reinterpret_cast<const void*>(p + std::uintptr_t(o)), 0, 3);
+    }
+    for (int r = 0; r < nf; ++r) {
+      const std::uintptr_t p = reinterpret_cast<std::uintptr_t>(far[r]) + std::uintptr_t(l) * sizeof(T);
+      for (index_t o = 0; o < e * index_t(sizeof(T)); o += 64)
+        __builtin_prefetch(reinterpret_cast<const void*>(p + std::uintptr_t(o)), 0, 2);
     }
   }
 };
