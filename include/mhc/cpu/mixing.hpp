@@ -16,6 +16,7 @@
 /// vector in the column order (their sums over the hidden dimension keep element c in lane c % 8),
 /// each value converted once.
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -256,28 +257,6 @@ MHC_TARGET_AVX512BF16 __attribute__((noinline)) void post_bf16_avx512(const floa
   scalar::post<N, bf16, float, scalar::plain_store>(post_w, comb, y, R, C, Rout, c, c1);
 }
 
-/// Prefetches into L2 the block after [b0, b0 + backward_block) of the N streams of a and of b
-/// (streams C elements apart) and of the row c, if there is one. post_backward in bf16 reads 2N + 1
-/// streams at once (all 4 KiB apart when C is a multiple of 2048), more than the hardware prefetchers
-/// keep ahead of: 11% faster on one thread. (It made fp32 and pre_apply_backward slower.)
-template <int N, class T>
-MHC_TARGET_AVX2 MHC_INLINE void prefetch_next_block(const T* a, const T* b, const T* c, index_t C, index_t b0) {
-  constexpr index_t BB = scalar::backward_block;
-  const index_t n0 = b0 + BB;
-  if (n0 >= C) return;
-  const index_t bytes = (C - n0 < BB ? C - n0 : BB) * index_t(sizeof(T)), stride = C * index_t(sizeof(T));
-  const char* pa = reinterpret_cast<const char*>(a + n0);
-  const char* pb = reinterpret_cast<const char*>(b + n0);
-  const char* pc = reinterpret_cast<const char*>(c + n0);
-  for (index_t off = 0; off < bytes; off += 64) {
-    for (int i = 0; i < N; ++i) {
-      _mm_prefetch(pa + i * stride + off, _MM_HINT_T1);
-      _mm_prefetch(pb + i * stride + off, _MM_HINT_T1);
-    }
-    _mm_prefetch(pc + off, _MM_HINT_T1);
-  }
-}
-
 /// scalar::combine_lanes of the eight lanes of v.
 MHC_TARGET_AVX2 MHC_INLINE float combine_lanes_avx2(__m256 v) {
   alignas(32) float lanes[scalar::projection_lanes];
@@ -313,8 +292,20 @@ MHC_TARGET_AVX2 MHC_INLINE void post_backward_token_avx2(const float* post_w, co
       else
         return gRout + index_t(o) * C + b0;
     };
-    if constexpr (convert) prefetch_next_block<N>(gRout, R, y, C, b0);  // fp32: slower with it
+    // bf16: the next block of the 2N + 1 rows read here (4 KiB apart when C is a multiple of 2048:
+    // more streams than the hardware prefetchers keep ahead of), to L2, spread over this block's
+    // steps. post_backward/bf16 at T = C = 4096: 10.5 -> 9.2-9.9 ms, against the same prefetches
+    // issued at once before each block. fp32 was slower with them (17.2-17.4 -> 17.8-18.3 ms).
+    spread_prefetch<2 * N + 1, 2> pf;
+    if (convert && b0 + BB < C) {
+      const index_t n0 = b0 + BB;
+      const T* rows[2 * N + 1];
+      for (int i = 0; i < N; ++i) rows[i] = gRout + index_t(i) * C + n0, rows[N + i] = R + index_t(i) * C + n0;
+      rows[2 * N] = y + n0;
+      pf.set(rows, 2 * N + 1, std::min(BB, C - n0) * index_t(sizeof(T)), full / W);
+    }
     for (index_t l = 0; l < full; l += W) {
+      pf.step();
       __m256 g[N];
       _Pragma("GCC unroll 16")
       for (int o = 0; o < N; ++o) {
@@ -594,14 +585,16 @@ MHC_TARGET_AVX512VL MHC_INLINE __m256i bf16_round_avx512(__m512 f) {
 /// v = (load(g[l]) + h load(go[l])) + ((sum_j gu[j] phi[j][k0 + l]) + (2 x[l]) gs), the sum from zero
 /// and j = 0 up, every product opaque: the bits of projection_input_grad then head_update_row, then
 /// rounded to bf16 in registers and written back to g[l] (the row writer's bits). bf16 only: for fp32,
-/// bound by memory, it was no faster than the AVX2 path. Returns the columns done.
+/// bound by memory, it was no faster than the AVX2 path. Step l also prefetches (for writing) the line
+/// at ahead + l, unless ahead is null. Returns the columns done.
 template <int M>
 MHC_TARGET_AVX512VL index_t head_update_block_avx512(const float* gu, const float* phi, index_t K, index_t k0,
                                                      index_t w, const bf16* x, float gs, bf16* g, const bf16* go,
-                                                     float h) {
+                                                     float h, const bf16* ahead) {
   const index_t full = w / 32 * 32;
   const __m512 two = _mm512_set1_ps(2.0f), gsv = _mm512_set1_ps(gs), hv = _mm512_set1_ps(h);
   for (index_t l = 0; l < full; l += 32) {
+    if (ahead != nullptr) __builtin_prefetch(ahead + l, 1, 3);
     __m512 o[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     const float* ph = phi + k0 + l;
 #pragma GCC unroll 8
