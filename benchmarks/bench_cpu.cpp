@@ -1,7 +1,8 @@
 // CPU benchmarks of every mhc op, forward and backward, at production shapes, each reported against
 // rooflines measured in the same process:
 //   copy_GBps    a memory copy on the backend's threads (bytes read + written per second; glibc's memcpy
-//                uses non-temporal stores at this size, so no write-allocate traffic is counted)
+//                uses non-temporal stores at this size, so no write-allocate traffic is counted), timed
+//                right after each benchmark (its counter) and once at the start (the run's context)
 //   gemm_GFLOPs  fp32 GEMM throughput of Eigen, every thread running its own 512^3 product at once: the
 //                faster of Eigen compiled for the baseline (SSE2) and for AVX2 + FMA where the processor
 //                has them (gemm_avx2_fma.cpp), because the library's own kernels pick AVX2 at run time
@@ -126,21 +127,35 @@ using buffer = std::vector<T, aligned64<T>>;
 /// doubled every projection step's fraction; 25 trials (about 0.6 s for the copy) make that unlikely.
 constexpr int roofline_trials = 25;
 
-/// Copy bandwidth with the backend's threads, counting bytes read plus bytes written.
+/// Copy bandwidth of a memcpy of a to b with the backend's threads, counting bytes read plus bytes
+/// written: the fastest of `trials` timed copies.
+double copy_bandwidth_of(const buffer<char>& a, buffer<char>& b, int trials) {
+  const std::size_t bytes = a.size();
+  auto f = [&] {
+    backend().parallel_for(index_t(bytes >> 16), 1, [&](index_t b0, index_t b1, int) {
+      std::memcpy(b.data() + (b0 << 16), a.data() + (b0 << 16), std::size_t(b1 - b0) << 16);
+    });
+  };
+  double best = 1e30;
+  for (int i = 0; i < trials; ++i) best = std::min(best, seconds_of(f, 1));
+  return 2.0 * double(bytes) / best;
+}
+
+/// Copy bandwidth at the start of the run (512 MiB, roofline_trials copies): the run's context.
 double copy_bandwidth() {
-  static double bw = [] {
-    const std::size_t bytes = std::size_t(512) << 20;
-    buffer<char> a(bytes, 1), b(bytes, 0);
-    auto f = [&] {
-      backend().parallel_for(index_t(bytes >> 16), 1, [&](index_t b0, index_t b1, int) {
-        std::memcpy(b.data() + (b0 << 16), a.data() + (b0 << 16), std::size_t(b1 - b0) << 16);
-      });
-    };
-    double best = 1e30;
-    for (int i = 0; i < roofline_trials; ++i) best = std::min(best, seconds_of(f, 1));
-    return 2.0 * double(bytes) / best;
+  static const double bw = [] {
+    buffer<char> a(std::size_t(512) << 20, 1), b(std::size_t(512) << 20, 0);
+    return copy_bandwidth_of(a, b, roofline_trials);
   }();
   return bw;
+}
+
+/// Copy bandwidth right now (256 MiB, the fastest of 5 copies, about 0.1 s), measured after each
+/// benchmark for its roofline: this host's memory bandwidth moves between about 45 and 80 GB/s from
+/// one minute to the next, so a copy timed once at the start did not hold for a whole run.
+double copy_bandwidth_now() {
+  static buffer<char> a(std::size_t(256) << 20, 1), b(std::size_t(256) << 20, 0);
+  return copy_bandwidth_of(a, b, 5);
 }
 
 /// Whether the GEMM roofline can also run Eigen's AVX2 + FMA kernels on this processor.
@@ -190,10 +205,11 @@ double gemm_throughput() {
 }
 
 void report(benchmark::State& st, double bytes, double flops) {
-  const double roof = std::max(bytes / copy_bandwidth(), flops / gemm_throughput());
+  const double copy = copy_bandwidth_now();
+  const double roof = std::max(bytes / copy, flops / gemm_throughput());
   st.SetBytesProcessed(int64_t(bytes) * int64_t(st.iterations()));
   st.counters["roofline_fraction"] = benchmark::Counter(roof * double(st.iterations()), benchmark::Counter::kIsRate);
-  st.counters["copy_GBps"] = copy_bandwidth() / 1e9;
+  st.counters["copy_GBps"] = copy / 1e9;
   st.counters["gemm_GFLOPs"] = gemm_throughput() / 1e9;
   st.counters["threads"] = backend().threads();
 }
