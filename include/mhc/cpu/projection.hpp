@@ -100,6 +100,39 @@ MHC_INLINE void project_tokens(const T* const* x, int nt, index_t K, const F* ph
   }
 }
 
+/// Software prefetches spread over the steps of a loop: `rows` runs of `lines` lines each (from
+/// base[r]), `per` lines per step. Spread over the work, a few misses are in flight at a time; a
+/// burst of a hundred fills the load queue and stalls the loop behind it (the projection's chunks:
+/// fp32 14.5 -> 11.3 ms at T = C = 4096). Locality as __builtin_prefetch's: 0 NTA, 2 T1, 3 T0.
+template <int Rows, int Locality>
+struct spread_prefetch {
+  const char* base[Rows];
+  index_t lines = 0;  // lines per row
+  index_t per = 0;    // lines per step
+  int rows = 0;
+  int a = 0;  // the row and line of the next prefetch
+  index_t l = 0;
+  /// n <= Rows runs of `bytes` bytes from p[r] (elements of T), over `steps` steps.
+  template <class T>
+  MHC_INLINE void set(const T* const* p, int n, index_t bytes, index_t steps) {
+    lines = (bytes + 63) / 64;
+    rows = steps > 0 && lines > 0 ? n : 0;
+    if (rows == 0) return;
+    per = (index_t(n) * lines + steps - 1) / steps;
+    for (int r = 0; r < n; ++r) base[r] = reinterpret_cast<const char*>(p[r]);
+  }
+  MHC_INLINE void one() {
+    __builtin_prefetch(base[a] + l * 64, 0, Locality);
+    if (++l == lines) l = 0, ++a;
+  }
+  MHC_INLINE void step() {
+    if (a < rows) {
+      one();
+      for (index_t n = 1; n < per && a < rows; ++n) one();
+    }
+  }
+};
+
 #if MHC_HAVE_AVX2_KERNELS
 /// c0[a] += lanes of p0[i] * x[a][i] and c1[a] += lanes of p1[i] * x[a][i] for four tokens a over w
 /// elements (a multiple of 8): four tokens by two rows of phi per register block, eight lanes in one
@@ -271,39 +304,6 @@ MHC_TARGET_AVX512VL MHC_INLINE void load_pairs8_avx512(const T* const* x, index_
 #pragma GCC unroll 8
   for (int a = 0; a < 8; ++a) _mm256_storeu_ps(sq[a], s[a]);
 }
-
-/// Software prefetches spread over the steps of a loop: `rows` runs of `lines` lines each (from
-/// base[r]), `per` lines per step. Spread over the work, a few misses are in flight at a time; a
-/// burst of a hundred fills the load queue and stalls the loop behind it (the projection's chunks:
-/// fp32 14.5 -> 11.3 ms at T = C = 4096). Locality as __builtin_prefetch's: 0 NTA, 2 T1, 3 T0.
-template <int Rows, int Locality>
-struct spread_prefetch {
-  const char* base[Rows];
-  index_t lines = 0;  // lines per row
-  index_t per = 0;    // lines per step
-  int rows = 0;
-  int a = 0;  // the row and line of the next prefetch
-  index_t l = 0;
-  /// n <= Rows runs of `bytes` bytes from p[r] (elements of T), over `steps` steps.
-  template <class T>
-  MHC_INLINE void set(const T* const* p, int n, index_t bytes, index_t steps) {
-    lines = (bytes + 63) / 64;
-    rows = steps > 0 && lines > 0 ? n : 0;
-    if (rows == 0) return;
-    per = (index_t(n) * lines + steps - 1) / steps;
-    for (int r = 0; r < n; ++r) base[r] = reinterpret_cast<const char*>(p[r]);
-  }
-  MHC_INLINE void one() {
-    __builtin_prefetch(base[a] + l * 64, 0, Locality);
-    if (++l == lines) l = 0, ++a;
-  }
-  MHC_INLINE void step() {
-    if (a < rows) {
-      one();
-      for (index_t n = 1; n < per && a < rows; ++n) one();
-    }
-  }
-};
 
 /// The chunk of eight tokens project_block_avx512 copies next, to L1 (NTA: not kept in L2).
 using chunk_prefetch = spread_prefetch<8, 0>;
