@@ -91,6 +91,16 @@ MHC_INLINE void prefetch_ahead(const T* p, index_t ahead) {
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) + std::uintptr_t(ahead)), 0, 2);
 }
 
+/// The bf16 mixing kernels' prefetch at column c: the same column mix_prefetch_ahead bytes on, to L2,
+/// in each of the N rows of R (C apart) and, where given, in y. (fp32 rows: none; they gained nothing.)
+template <int N, class T>
+MHC_INLINE void prefetch_mix_rows(const T* R, index_t C, index_t c, const T* y = nullptr) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    for (int m = 0; m < N; ++m) prefetch_ahead(R + index_t(m) * C + c, mix_prefetch_ahead);
+    if (y != nullptr) prefetch_ahead(y + c, mix_prefetch_ahead);
+  }
+}
+
 /// Writes one line (mix_line bytes) of a row: S groups of sixteen values; with NonTemporal dst is
 /// 64-byte aligned and the stores are streaming.
 template <bool NonTemporal, class T, int S>
@@ -135,8 +145,7 @@ MHC_TARGET_AVX2 void pre_apply_avx2(const float* pre, const T* R, index_t C, T* 
   for (int m = 0; m < N; ++m) w[m] = _mm256_set1_ps(pre[m]);
   index_t c = body;
   for (; c + cols <= c1; c += cols) {
-    if constexpr (std::is_same_v<T, bf16>)
-      for (int m = 0; m < N; ++m) prefetch_ahead(R + index_t(m) * C + c, mix_prefetch_ahead);
+    prefetch_mix_rows<N>(R, C, c);
     mix16_bits<T> out[S];
     __m256 nan = _mm256_setzero_ps();
     _Pragma("GCC unroll 16")
@@ -180,10 +189,7 @@ MHC_TARGET_AVX2 void post_avx2(const float* post_w, const float* comb, const T* 
   for (int k = 0; k < N * N; ++k) kc[k] = _mm256_set1_ps(comb[k]);
   index_t c = body;
   for (; c + cols <= c1; c += cols) {
-    if constexpr (std::is_same_v<T, bf16>) {
-      for (int i = 0; i < N; ++i) prefetch_ahead(R + index_t(i) * C + c, mix_prefetch_ahead);
-      prefetch_ahead(y + c, mix_prefetch_ahead);
-    }
+    prefetch_mix_rows<N>(R, C, c, y);
     mix16_bits<T> out[N][S];
     __m256 nan = _mm256_setzero_ps();
     _Pragma("GCC unroll 16")
@@ -235,8 +241,7 @@ MHC_TARGET_AVX512BF16 __attribute__((noinline)) void post_bf16_avx512(const floa
   const __m512i order = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
   index_t c = body;
   for (; c + cols <= c1; c += cols) {
-    for (int i = 0; i < N; ++i) prefetch_ahead(R + index_t(i) * C + c, mix_prefetch_ahead);
-    prefetch_ahead(y + c, mix_prefetch_ahead);
+    prefetch_mix_rows<N>(R, C, c, y);
     __m512 rl[N], rh[N];
     for (int i = 0; i < N; ++i) {
       const __m512i v = _mm512_loadu_si512(R + index_t(i) * C + c);
