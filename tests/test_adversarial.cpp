@@ -5,6 +5,8 @@
 // every documented in-place form is accepted and bit-identical).
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -661,6 +663,31 @@ TEST(ThreadPool, ParallelForCoversEveryIndexOnce) {
           EXPECT_EQ(worker_ok[std::size_t(i)], 1);
         }
       }
+  }
+}
+
+// Idle workers poll for a new job for a while (detail::pool_spin_time), then sleep. Jobs back to back
+// (workers still polling), jobs after a pause longer than the polling (workers asleep), and pools
+// destroyed right after a job (workers polling) each run every piece exactly once. The pool has at most
+// as many threads as the processor runs at once, so its workers do poll.
+TEST(ThreadPool, WakesPollingAndSleepingWorkers) {
+  const int threads = int(std::max(2u, std::min(4u, std::thread::hardware_concurrency())));
+  const auto check = [&](const mhc::cpu& be, int round) {
+    std::vector<std::atomic<int>> hits(static_cast<std::size_t>(threads));
+    be.parallel_for(index_t(threads), 1, [&](index_t b, index_t e, int) {
+      for (index_t i = b; i < e; ++i) hits[std::size_t(i)].fetch_add(1, std::memory_order_relaxed);
+    });
+    for (int i = 0; i < threads; ++i) EXPECT_EQ(hits[std::size_t(i)].load(), 1) << "round " << round << " piece " << i;
+  };
+  const mhc::cpu be(threads);
+  for (int round = 0; round < 200; ++round) check(be, round);  // back to back
+  for (int round = 0; round < 3; ++round) {
+    std::this_thread::sleep_for(mhc::detail::pool_spin_time * 5);  // every worker asleep
+    check(be, 1000 + round);
+  }
+  for (int rep = 0; rep < 20; ++rep) {  // destroyed while its workers poll
+    const mhc::cpu own(threads);
+    check(own, 2000 + rep);
   }
 }
 
