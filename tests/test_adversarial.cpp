@@ -457,6 +457,52 @@ TEST(Determinism, StandaloneOpsAcrossInstructionSets) {
   }
 }
 
+// A few tokens (decode): the projection's rows are split over the threads where that reads less of
+// phi per thread than splitting the tokens (1 and 3-7 tokens on 2 threads). The projection and the
+// fused pre give the bits of one thread, for 1 to 9 tokens, n = 3 (15 rows: a last piece of 3 rows)
+// and n = 4, fp32 and bf16, K with and without a tail past the projection's 1024-element chunks, and
+// every instruction set.
+template <int n, class T>
+std::vector<float> decode_outputs(const mhc::cpu& be, index_t tokens, index_t C) {
+  constexpr int m = n * (n + 2);
+  const index_t K = n * C;
+  const auto Rf = residual(tokens, K, 21);
+  const std::vector<T> R(Rf.begin(), Rf.end());
+  const auto phi = mhc_test::to<float>(mhc_test::normal(std::size_t(m * K), 1e-2, 22));
+  const std::vector<float> alpha = {0.5f, 0.25f, 0.125f};
+  const auto bias = mhc_test::to<float>(mhc_test::normal(std::size_t(m), 0.1, 23));
+  const auto tm = static_cast<std::size_t>(tokens * m), tn = static_cast<std::size_t>(tokens * n);
+  std::vector<float> proj(tm), rstd(static_cast<std::size_t>(tokens)), proj2(tm), rstd2(rstd.size()), pre(tn), post(tn),
+      comb(tn * n);
+  std::vector<T> y(static_cast<std::size_t>(tokens * C));
+  mhc::ops::projection<n, T>(be, {tokens, C}, cv(R), cv(phi), 1e-6, mv(proj), mv(rstd));
+  mhc::ops::pre<n, mhc::manifold, T>(be, {tokens, C}, cv(R), cv(phi), cv(alpha), cv(bias), mhc::config{}, mv(y),
+                                     mv(pre), mv(post), mv(comb), mv(proj2), mv(rstd2));
+  std::vector<float> all;
+  for (const auto* v : {&proj, &rstd, &proj2, &rstd2, &pre, &post, &comb}) all.insert(all.end(), v->begin(), v->end());
+  for (const T& v : y) all.push_back(float(v));
+  return all;
+}
+
+template <int n, class T>
+void expect_decode_deterministic() {
+  for (index_t C : {40, 1100})
+    for (index_t tokens = 1; tokens <= 9; ++tokens) {
+      const auto ref = decode_outputs<n, T>(mhc::cpu(1, mhc::cpu_isa::baseline), tokens, C);
+      for (const auto isa : {mhc::cpu_isa::baseline, mhc::default_cpu_isa()})
+        for (int threads : {1, 2, 3, 4, 7})
+          EXPECT_TRUE(mhc_test::bit_equal(ref, decode_outputs<n, T>(mhc::cpu(threads, isa), tokens, C)))
+              << "n " << n << " C " << C << " tokens " << tokens << " threads " << threads << " isa "
+              << mhc::to_string(isa);
+    }
+}
+
+TEST(Determinism, DecodeProjectionRowSplit) {
+  expect_decode_deterministic<4, float>();
+  expect_decode_deterministic<3, float>();
+  expect_decode_deterministic<4, mhc::bf16>();
+}
+
 // head_backward in bf16 rounds its update of gR inside the 512-bit kernel: a NaN of either sign and
 // an Inf already in gR come out as the baseline writer's (the quiet NaN of the sign, the Inf), the
 // same bits, and the neighbours unchanged.

@@ -15,9 +15,10 @@
 namespace mhc {
 
 /// CPU backend (Eigen types, portable C++17 loops, a persistent thread pool). Pass an instance to
-/// every op or layer; copies share the same pool. Work is split over tokens (or over the hidden
-/// dimension when there are few tokens) in pieces that do not depend on the thread count, so every
-/// result is bit-identical for any number of threads. The hot kernels run with the vector
+/// every op or layer; copies share the same pool. Work is split over tokens (with few tokens, the
+/// mixing ops also over the hidden dimension and the projection forward over the rows of phi) in
+/// pieces that do not depend on the thread count, so every result is bit-identical for any number of
+/// threads. The hot kernels run with the vector
 /// instruction set isa() (see mhc/cpu/isa.hpp), which does not change any result either.
 class cpu {
  public:
