@@ -145,7 +145,7 @@ struct backend_traits<cpu> {
     if (threads < 2 || tokens < 1 || tokens > TB || blocks < 2) return false;
     // Passes over phi (or over the rows of a piece): one per group of projection_tokens tokens and one
     // per token left over. The row split wins when its slowest piece makes fewer passes, in rows:
-    // at T = C = 4096 (fp32, 2 threads) projection T = 1: 26 -> 15 us, T = 4: 53 -> 21 us, T = 5-7:
+    // at C = 4096 (fp32, 2 threads) projection T = 1: 26 -> 15 us, T = 4: 53 -> 21 us, T = 5-7:
     // 79 -> 36-67 us; T = 2 and T = 8 keep the token split (27 against 30 us, 30 against 40 us).
     const auto passes = [](index_t n) { return n / detail::projection_tokens + n % detail::projection_tokens; };
     const index_t pieces = std::min(threads, tokens), row_pieces = std::min<index_t>(threads, blocks);
