@@ -715,7 +715,8 @@ TEST(ThreadPool, ParallelForCoversEveryIndexOnce) {
 // Idle workers poll for a new job for a while (detail::pool_spin_time), then sleep. Jobs back to back
 // (workers still polling), jobs after a pause longer than the polling (workers asleep), and pools
 // destroyed right after a job (workers polling) each run every piece exactly once. The pool has at most
-// as many threads as the processor runs at once, so its workers do poll.
+// as many threads as the processor runs at once where it runs two or more, so its workers do poll
+// there (on a single hardware thread they sleep at once, and the test checks that path instead).
 TEST(ThreadPool, WakesPollingAndSleepingWorkers) {
   const int threads = int(std::max(2u, std::min(4u, std::thread::hardware_concurrency())));
   const auto check = [&](const mhc::cpu& be, int round) {
