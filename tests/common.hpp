@@ -229,4 +229,18 @@ template <class T>
   return ::testing::AssertionSuccess();
 }
 
+/// bit_equal, except that a NaN equals any NaN: between instruction sets, which operand's NaN a
+/// product of two NaNs returns (so the sign of the NaN) is the compiler's choice of operand order.
+template <class T>
+::testing::AssertionResult bit_equal_or_nan(const std::vector<T>& a, const std::vector<T>& b) {
+  if (a.size() != b.size()) return ::testing::AssertionFailure() << "size " << a.size() << " != " << b.size();
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double x = double(a[i]), y = double(b[i]);
+    if (std::isnan(x) && std::isnan(y)) continue;
+    if (std::memcmp(&a[i], &b[i], sizeof(T)) != 0)
+      return ::testing::AssertionFailure() << "first difference at " << i << ": " << x << " vs " << y;
+  }
+  return ::testing::AssertionSuccess();
+}
+
 }  // namespace mhc_test

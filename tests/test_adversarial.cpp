@@ -587,13 +587,15 @@ void pre_backward_store_paths() {
 TEST(Determinism, PreBackwardStorePathsFp32) { pre_backward_store_paths<float>(); }
 TEST(Determinism, PreBackwardStorePathsBf16) { pre_backward_store_paths<mhc::bf16>(); }
 
-// post, pre_apply, post_backward and pre_apply_backward (the mixing kernels, mhc/cpu/mixing.hpp)
-// give the same bits on every store path: streaming stores (outputs of 8 MiB and more), post in
+// post, pre_apply, post_backward, pre_apply_backward (the mixing kernels, mhc/cpu/mixing.hpp) and
+// the head (its mix is pre_apply's) give the same bits on every store path: streaming stores (outputs of 8 MiB and more), post in
 // place, ordinary stores where the rows are not aligned alike (C = 4104: rows 16 bytes off a cache
 // line in bf16; C = 4099: odd, with a column tail), the AVX2 variants with and without their AVX-512
 // ones, thread counts that split tokens at columns off any line, and the baseline kernels on one
 // thread. The inputs hold NaN, infinities and values whose
-// outputs are subnormal, which the vector conversions hand to the scalar code.
+// outputs are subnormal, which the vector conversions hand to the scalar code. The head's weights of
+// a token holding a NaN are NaN, and a NaN times a NaN has the sign of the operand the compiler
+// put first: between the instruction sets a NaN equals any NaN (bit_equal_or_nan).
 template <class T, int n>
 void mixing_store_paths(index_t tokens, std::initializer_list<index_t> hidden) {
   using F = mhc::compute_t<T>;
@@ -614,6 +616,8 @@ void mixing_store_paths(index_t tokens, std::initializer_list<index_t> hidden) {
     const auto post = mhc_test::to<F>(mhc_test::normal(std::size_t(tokens * n), 1.0, 44));
     const auto comb = mhc_test::to<F>(mhc_test::normal(std::size_t(tokens * n * n), 1.0, 45));
     const auto gR0 = mhc_test::to<T>(mhc_test::normal(std::size_t(tokens * K), 1.0, 46));
+    const auto phi_head = mhc_test::to<F>(mhc_test::normal(std::size_t(n * K), 1e-2, 47));
+    const auto bias_head = mhc_test::to<F>(mhc_test::normal(std::size_t(n), 0.5, 48));
     const auto run = [&](const mhc::cpu& be, bool in_place) {
       std::vector<T> out = in_place ? R : std::vector<T>(R.size()), ya(y.size());
       mhc::ops::post<n, T>(be, {tokens, C}, cv(post), cv(comb), cv(y), in_place ? cv(out) : cv(R), mv(out));
@@ -629,10 +633,15 @@ void mixing_store_paths(index_t tokens, std::initializer_list<index_t> hidden) {
       std::vector<T> gRa = gR0;
       std::vector<F> gpre(pre.size());
       mhc::ops::pre_apply_backward<n, T>(be, {tokens, C}, cv(pre), cv(R), cv(y), mv(gRa), mv(gpre));
+      // The head: its projection, then its weights' mix of the streams, written as pre_apply's.
+      std::vector<T> yh(y.size());
+      std::vector<F> hw(pre.size()), hu(pre.size()), hr(static_cast<std::size_t>(tokens));
+      mhc::ops::head<n, T>(be, {tokens, C}, cv(R), cv(phi_head), 0.5, cv(bias_head), 1e-6, 1e-6, mv(yh), mv(hw),
+                           mv(hu), mv(hr));
       std::vector<float> all;
-      for (const auto* v : {&out, &ya, &gy, &gy2, &gR, &gRa})
+      for (const auto* v : {&out, &ya, &gy, &gy2, &gR, &gRa, &yh})
         for (const T& x : *v) all.push_back(st::load(x));
-      for (const auto* v : {&gpost, &gcomb, &gpost2, &gcomb2, &gpre})
+      for (const auto* v : {&gpost, &gcomb, &gpost2, &gcomb2, &gpre, &hw, &hu, &hr})
         for (const F& x : *v) all.push_back(float(x));
       return all;
     };
@@ -648,7 +657,7 @@ void mixing_store_paths(index_t tokens, std::initializer_list<index_t> hidden) {
       if (!wide && !mhc::detail::avx512vl_supported()) continue;
       mhc::detail::avx512vl_allowed = wide;
       for (const auto& [threads, in_place] : {std::pair{2, false}, std::pair{3, false}, std::pair{7, true}})
-        EXPECT_TRUE(mhc_test::bit_equal(ref, run(mhc::cpu(threads, mhc::cpu_isa::avx2), in_place)))
+        EXPECT_TRUE(mhc_test::bit_equal_or_nan(ref, run(mhc::cpu(threads, mhc::cpu_isa::avx2), in_place)))
             << "avx2, AVX-512 variants " << (wide ? "allowed" : "off") << ", threads " << threads
             << (in_place ? ", in place" : ", streaming");
     }
@@ -656,7 +665,7 @@ void mixing_store_paths(index_t tokens, std::initializer_list<index_t> hidden) {
   }
 }
 
-// n = 4 with 1025 tokens: pre_apply's output reaches the streaming size too.
+// n = 4 with 1025 tokens: the outputs of pre_apply and the head reach the streaming size too.
 TEST(Determinism, MixingStorePathsFp32) { mixing_store_paths<float, 4>(1025, {4096, 4104, 4099}); }
 TEST(Determinism, MixingStorePathsBf16) { mixing_store_paths<mhc::bf16, 4>(1025, {4096, 4104, 4099}); }
 

@@ -682,14 +682,20 @@ struct backend_traits<cpu> {
   static void head(const cpu& be, shape s, const T* R, const F* phi, F alpha, const F* bias, F eps_rms, F eps_pre,
                    T* out, F* h, F* u, F* r) {
     const index_t C = s.hidden, K = N * C;
-    be.parallel_for(s.tokens, token_grain(K * N), [&](index_t b, index_t e, int) {
-      detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
-        projection_groups<N>(be, b, e, R, K, phi, eps_rms, u, r, [&](index_t t0, int nt) MHC_ALWAYS_INLINE_LAMBDA {
-          for (index_t t = t0; t < t0 + nt; ++t) {
-            for (int m = 0; m < N; ++m)
-              h[t * N + m] = scalar::head_weight(u[t * N + m], r[t], alpha, bias[m], eps_pre);
-            scalar::pre_apply<N>(h + t * N, R + t * K, C, out + t * C, 0, C);
-          }
+    // As the fused pre: each block of tokens is projected, then mixed while its streams are still in
+    // the cache, written with the row writer (streaming stores for a large output).
+    with_row_writer(be, s.tokens * C * index_t(sizeof(T)), false, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
+      using Store = decltype(store);
+      be.parallel_for(s.tokens, token_grain(K * N), [&](index_t b, index_t e, int) {
+        with_isa<Store>(be, [&]() MHC_ALWAYS_INLINE_LAMBDA {
+          projection_groups<N>(be, b, e, R, K, phi, eps_rms, u, r, [&](index_t t0, int nt) MHC_ALWAYS_INLINE_LAMBDA {
+            for (index_t t = t0; t < t0 + nt; ++t) {
+              for (int m = 0; m < N; ++m)
+                h[t * N + m] = scalar::head_weight(u[t * N + m], r[t], alpha, bias[m], eps_pre);
+              pre_apply_columns<N, Store>(h + t * N, R + t * K, C, out + t * C, 0, C);
+            }
+          });
+          detail::stream_fence();
         });
       });
     });
