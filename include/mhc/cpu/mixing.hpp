@@ -171,6 +171,52 @@ MHC_TARGET_AVX2 void pre_apply_avx2(const float* pre, const T* R, index_t C, T* 
   scalar::pre_apply<N, T, float, scalar::plain_store>(pre, R, C, y, c, c1);
 }
 
+/// pre_apply_avx2 for bf16 storage with AVX-512 (the same bits): a line of y (32 columns) per step,
+/// the products and sums of pre_apply_avx2 in 512-bit registers, rounded to bf16 by the AVX-512 BF16
+/// conversion (round to nearest even, as the row writer). Lines with a NaN or subnormal sum, which
+/// the conversion treats differently, are redone by scalar::pre_apply.
+template <int N, bool NonTemporal>
+MHC_TARGET_AVX512BF16 __attribute__((noinline)) void pre_apply_bf16_avx512(const float* pre, const bf16* R, index_t C,
+                                                                           bf16* y, index_t c0, index_t c1) {
+  constexpr index_t cols = mix_line / index_t(sizeof(bf16));
+  const index_t body = mix_body_start<NonTemporal>(y, 0, c0, c1);
+  if (body < 0) return pre_apply_bf16_avx512<N, false>(pre, R, C, y, c0, c1);
+  scalar::pre_apply<N, bf16, float, scalar::plain_store>(pre, R, C, y, c0, body);
+  __m512 w[N];
+  for (int m = 0; m < N; ++m) w[m] = _mm512_set1_ps(pre[m]);
+  const __m512i zero = _mm512_setzero_si512();
+  // The columns back in order after the unpacks and the conversion (as in post_bf16_avx512).
+  const __m512i order = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
+  index_t c = body;
+  for (; c + cols <= c1; c += cols) {
+    prefetch_mix_rows<N>(R, C, c);
+    const __m512i v0 = _mm512_loadu_si512(R + c);
+    __m512 lo = _mm512_mul_ps(w[0], _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v0)));
+    __m512 hi = _mm512_mul_ps(w[0], _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v0)));
+    MHC_KEEP_IN_REGISTER(lo);
+    MHC_KEEP_IN_REGISTER(hi);
+    for (int m = 1; m < N; ++m) {
+      const __m512i v = _mm512_loadu_si512(R + index_t(m) * C + c);
+      __m512 pl = _mm512_mul_ps(w[m], _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v)));
+      __m512 ph = _mm512_mul_ps(w[m], _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v)));
+      MHC_KEEP_IN_REGISTER(pl);
+      MHC_KEEP_IN_REGISTER(ph);
+      lo = _mm512_add_ps(lo, pl);
+      hi = _mm512_add_ps(hi, ph);
+    }
+    if ((unsigned(_mm512_fpclass_ps_mask(lo, 0xA1)) | unsigned(_mm512_fpclass_ps_mask(hi, 0xA1))) != 0) {  // NaN, subnormal
+      scalar::pre_apply<N, bf16, float, scalar::plain_store>(pre, R, C, y, c, c + cols);
+      continue;
+    }
+    const __m512i out = _mm512_maskz_permutexvar_epi64(0xFF, order, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    if (NonTemporal)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(y + c), out);
+    else
+      _mm512_storeu_si512(y + c, out);
+  }
+  scalar::pre_apply<N, bf16, float, scalar::plain_store>(pre, R, C, y, c, c1);
+}
+
 /// scalar::post over columns [c0, c1) of one token (the same bits; Rout may equal R):
 /// R'[o][c] = post_o y[c] + sum_i comb[i][o] R[i][c]. Every stream's columns of a line are loaded
 /// before any output of the line is written.
