@@ -587,8 +587,8 @@ void pre_backward_store_paths() {
 TEST(Determinism, PreBackwardStorePathsFp32) { pre_backward_store_paths<float>(); }
 TEST(Determinism, PreBackwardStorePathsBf16) { pre_backward_store_paths<mhc::bf16>(); }
 
-// post, pre_apply, post_backward, pre_apply_backward (the mixing kernels, mhc/cpu/mixing.hpp) and
-// the head (its mix is pre_apply's) give the same bits on every store path: streaming stores (outputs of 8 MiB and more), post in
+// post, pre_apply, post_backward, pre_apply_backward (the mixing kernels, mhc/cpu/mixing.hpp), the
+// head and expand_backward (pre_apply's kernels) give the same bits on every store path: streaming stores (outputs of 8 MiB and more), post in
 // place, ordinary stores where the rows are not aligned alike (C = 4104: rows 16 bytes off a cache
 // line in bf16; C = 4099: odd, with a column tail), the AVX2 variants with and without their AVX-512
 // ones, thread counts that split tokens at columns off any line, and the baseline kernels on one
@@ -638,8 +638,11 @@ void mixing_store_paths(index_t tokens, std::initializer_list<index_t> hidden) {
       std::vector<F> hw(pre.size()), hu(pre.size()), hr(static_cast<std::size_t>(tokens));
       mhc::ops::head<n, T>(be, {tokens, C}, cv(R), cv(phi_head), 0.5, cv(bias_head), 1e-6, 1e-6, mv(yh), mv(hw),
                            mv(hu), mv(hr));
+      // expand_backward: pre_apply's kernels with unit weights.
+      std::vector<T> gh(y.size());
+      mhc::ops::expand_backward<n, T>(be, {tokens, C}, cv(R), mv(gh));
       std::vector<float> all;
-      for (const auto* v : {&out, &ya, &gy, &gy2, &gR, &gRa, &yh})
+      for (const auto* v : {&out, &ya, &gy, &gy2, &gR, &gRa, &yh, &gh})
         for (const T& x : *v) all.push_back(st::load(x));
       for (const auto* v : {&gpost, &gcomb, &gpost2, &gcomb2, &gpre, &hw, &hu, &hr})
         for (const F& x : *v) all.push_back(float(x));
@@ -665,7 +668,7 @@ void mixing_store_paths(index_t tokens, std::initializer_list<index_t> hidden) {
   }
 }
 
-// n = 4 with 1025 tokens: the outputs of pre_apply and the head reach the streaming size too.
+// n = 4 with 1025 tokens: the outputs of pre_apply, the head and expand_backward reach the streaming size too.
 TEST(Determinism, MixingStorePathsFp32) { mixing_store_paths<float, 4>(1025, {4096, 4104, 4099}); }
 TEST(Determinism, MixingStorePathsBf16) { mixing_store_paths<mhc::bf16, 4>(1025, {4096, 4104, 4099}); }
 

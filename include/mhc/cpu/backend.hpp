@@ -95,18 +95,19 @@ struct backend_traits<cpu> {
     });
   }
 
+  /// gh[c] = sum_m gR[m][c] in stream order: pre apply's kernels with unit weights (1 x v is v, so
+  /// the sums and their rounding are the same bits).
   template <int N, class T>
   static void expand_backward(const cpu& be, shape s, const T* gR, T* gh) {
-    using st = storage_traits<T>;
     using F = compute_t<T>;
     const index_t C = s.hidden;
-    token_ranges(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
-      const T* g = gR + t * N * C;
-      for (index_t c = c0; c < c1; ++c) {
-        F acc = st::load(g[c]);
-        for (int m = 1; m < N; ++m) acc += st::load(g[index_t(m) * C + c]);
-        gh[t * C + c] = st::store(acc);
-      }
+    F ones[N];
+    for (F& v : ones) v = F(1);
+    with_row_writer(be, s.tokens * C * index_t(sizeof(T)), false, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
+      using Store = decltype(store);
+      token_ranges<Store>(be, s.tokens, C, [&](index_t t, index_t c0, index_t c1) MHC_ALWAYS_INLINE_LAMBDA {
+        pre_apply_columns<N, Store>(ones, gR + t * N * C, C, gh + t * C, c0, c1);
+      });
     });
   }
 
