@@ -588,11 +588,11 @@ TEST(Determinism, PreBackwardStorePathsFp32) { pre_backward_store_paths<float>()
 TEST(Determinism, PreBackwardStorePathsBf16) { pre_backward_store_paths<mhc::bf16>(); }
 
 // post, pre_apply, post_backward, pre_apply_backward (the mixing kernels, mhc/cpu/mixing.hpp), the
-// head and expand_backward (pre_apply's kernels) give the same bits on every store path: streaming stores (outputs of 8 MiB and more), post in
-// place, ordinary stores where the rows are not aligned alike (C = 4104: rows 16 bytes off a cache
-// line in bf16; C = 4099: odd, with a column tail), the AVX2 variants with and without their AVX-512
-// ones, thread counts that split tokens at columns off any line, and the baseline kernels on one
-// thread. The inputs hold NaN, infinities and values whose
+// head and expand_backward (pre_apply's kernels) give the same bits on every store path: streaming
+// stores (outputs of 8 MiB and more), post in place, ordinary stores where the rows are not aligned
+// alike (C = 4104: rows 16 bytes off a cache line in bf16; C = 4099: odd, with a column tail), the
+// AVX2 variants with and without their AVX-512 ones, thread counts that split tokens at columns off
+// any line, and the baseline kernels on one thread. The inputs hold NaN, infinities and values whose
 // outputs are subnormal, which the vector conversions hand to the scalar code. The head's weights of
 // a token holding a NaN are NaN, and a NaN times a NaN has the sign of the operand the compiler
 // put first: between the instruction sets a NaN equals any NaN (bit_equal_or_nan).
@@ -668,7 +668,8 @@ void mixing_store_paths(index_t tokens, std::initializer_list<index_t> hidden) {
   }
 }
 
-// n = 4 with 1025 tokens: the outputs of pre_apply, the head and expand_backward reach the streaming size too.
+// n = 4 with 1025 tokens: the outputs of pre_apply, the head and expand_backward reach the
+// streaming size too.
 TEST(Determinism, MixingStorePathsFp32) { mixing_store_paths<float, 4>(1025, {4096, 4104, 4099}); }
 TEST(Determinism, MixingStorePathsBf16) { mixing_store_paths<mhc::bf16, 4>(1025, {4096, 4104, 4099}); }
 

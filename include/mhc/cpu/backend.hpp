@@ -390,8 +390,10 @@ struct backend_traits<cpu> {
   static MHC_INLINE void pre_apply_columns(const F* pre, const T* R, index_t C, T* y, index_t c0, index_t c1) {
 #if MHC_HAVE_AVX2_KERNELS
     if constexpr (avx2_mixing<Store, T, F>() && std::is_same_v<T, bf16>)
-      if (detail::avx512bf16_kernels()) return detail::pre_apply_bf16_avx512<N, Store::non_temporal>(pre, R, C, y, c0, c1);
-    if constexpr (avx2_mixing<Store, T, F>()) return detail::pre_apply_avx2<N, Store::non_temporal>(pre, R, C, y, c0, c1);
+      if (detail::avx512bf16_kernels())
+        return detail::pre_apply_bf16_avx512<N, Store::non_temporal>(pre, R, C, y, c0, c1);
+    if constexpr (avx2_mixing<Store, T, F>())
+      return detail::pre_apply_avx2<N, Store::non_temporal>(pre, R, C, y, c0, c1);
 #endif
     scalar::pre_apply<N, T, F, Store>(pre, R, C, y, c0, c1);
   }

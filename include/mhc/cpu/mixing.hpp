@@ -204,11 +204,13 @@ MHC_TARGET_AVX512BF16 __attribute__((noinline)) void pre_apply_bf16_avx512(const
       lo = _mm512_add_ps(lo, pl);
       hi = _mm512_add_ps(hi, ph);
     }
-    if ((unsigned(_mm512_fpclass_ps_mask(lo, 0xA1)) | unsigned(_mm512_fpclass_ps_mask(hi, 0xA1))) != 0) {  // NaN, subnormal
+    const unsigned odd = unsigned(_mm512_fpclass_ps_mask(lo, 0xA1)) | unsigned(_mm512_fpclass_ps_mask(hi, 0xA1));
+    if (odd != 0) {  // a NaN or subnormal sum
       scalar::pre_apply<N, bf16, float, scalar::plain_store>(pre, R, C, y, c, c + cols);
       continue;
     }
-    const __m512i out = _mm512_maskz_permutexvar_epi64(0xFF, order, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    const __m512i out =
+        _mm512_maskz_permutexvar_epi64(0xFF, order, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
     if (NonTemporal)
       _mm512_stream_si512(reinterpret_cast<__m512i*>(y + c), out);
     else
