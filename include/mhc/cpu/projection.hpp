@@ -275,13 +275,17 @@ MHC_TARGET_AVX2 MHC_INLINE void load_chunks4_avx2(const T* const* x, index_t k0,
 }
 
 /// Floats of one pair buffer of project_block_avx512: a chunk of two tokens, interleaved eight
-/// elements at a time, and a line of padding so the four buffers do not share L1 sets.
+/// elements at a time with the second token one group of eight ahead, and a line of padding so the
+/// four buffers do not share L1 sets.
 inline constexpr index_t pair_buffer = 2 * scalar::projection_chunk + 16;
 
-/// For the eight tokens x[0..7]: xp[a/2][2i + 8(a%2) + l] = x[a][k0 + i + l] as floats (i a multiple
-/// of 8, l < 8), so one 512-bit load holds the same eight elements of two tokens; sq[a][l] += the
-/// squares of lane l in increasing element order (as scalar::load_chunk), for the w / 8 * 8 elements
-/// of whole groups of eight (project_block_tail takes the rest).
+/// For the eight tokens x[0..7], staggered by one group of eight between the tokens of a pair:
+/// xp[a/2][2s + l] = x[a][k0 + s - 8 + l] for even a and xp[a/2][2s + 8 + l] = x[a][k0 + s + l] for
+/// odd a (s a multiple of 8, l < 8), so one 512-bit register holds group s/8 - 1 of the even token
+/// and group s/8 of the odd one, which sixteen consecutive elements of a row of phi multiply with one
+/// plain load (a 256-bit broadcast to both halves costs a shuffle on Zen 4). sq[a][l] += the squares
+/// of lane l in increasing element order (as scalar::load_chunk), for the w / 8 * 8 elements of whole
+/// groups of eight (project_block_tail takes the rest).
 template <class T>
 MHC_TARGET_AVX512VL MHC_INLINE void load_pairs8_avx512(const T* const* x, index_t k0, index_t w,
                                                        float (*xp)[pair_buffer],
@@ -295,7 +299,7 @@ MHC_TARGET_AVX512VL MHC_INLINE void load_pairs8_avx512(const T* const* x, index_
     for (int a = 0; a < 8; ++a) {
       __m256 v = load8_avx2(x[a] + k0 + i);
       MHC_KEEP_IN_REGISTER(v);  // opaque: GCC would split the loop into copies and a pass for the squares
-      _mm256_store_ps(xp[a / 2] + 2 * i + 8 * (a % 2), v);
+      _mm256_store_ps(xp[a / 2] + 2 * i + (a % 2 == 0 ? 16 : 8), v);
       __m256 m = _mm256_mul_ps(v, v);
       MHC_KEEP_IN_REGISTER(m);  // a product, then a sum (AVX-512 targets have FMA to contract them into)
       s[a] = _mm256_add_ps(s[a], m);
@@ -303,16 +307,61 @@ MHC_TARGET_AVX512VL MHC_INLINE void load_pairs8_avx512(const T* const* x, index_
   }
 #pragma GCC unroll 8
   for (int a = 0; a < 8; ++a) _mm256_storeu_ps(sq[a], s[a]);
+  // The halves project_8xR_avx512 masks off at its first and last steps: zeros, so no register is
+  // loaded from memory never written.
+  for (int q = 0; q < 4; ++q) {
+    _mm256_store_ps(xp[q], _mm256_setzero_ps());
+    _mm256_store_ps(xp[q] + 2 * full + 8, _mm256_setzero_ps());
+  }
 }
 
 /// The chunk of eight tokens project_block_avx512 copies next, to L1 (NTA: not kept in L2).
 using chunk_prefetch = spread_prefetch<8, 0>;
 
+/// a + b * x (a product, then a sum) in the lanes of `keep`, a elsewhere.
+MHC_TARGET_AVX512VL MHC_INLINE __m512 add_product_avx512(__m512 a, __m512 b, __m512 x, __mmask16 keep) {
+  __m512 m = _mm512_mul_ps(b, x);
+  MHC_KEEP_IN_REGISTER(m);
+  return _mm512_mask_add_ps(a, keep, a, m);
+}
+
+/// One step of project_8xR_avx512 at s: the even tokens' group at element s - 8, the odd tokens' at
+/// s, for R rows of phi from p (K apart). Edge E = 1 (s = 0) adds only the odd tokens' half, E = 2
+/// (s = w) only the even tokens'; E = 0 both.
+template <int E, int R>
+MHC_TARGET_AVX512VL MHC_INLINE void project_8xR_step(__m512 (&a)[R][4], const float* p, index_t K,
+                                                     const float (*xp)[pair_buffer], index_t s, chunk_prefetch& pf) {
+  constexpr __mmask16 keep = E == 1 ? 0xFF00 : (E == 2 ? 0x00FF : 0xFFFF);
+  pf.step();
+  const __m512 v[4] = {_mm512_load_ps(xp[0] + 2 * s), _mm512_load_ps(xp[1] + 2 * s), _mm512_load_ps(xp[2] + 2 * s),
+                       _mm512_load_ps(xp[3] + 2 * s)};
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const float* row = p + r * K;
+    __m512 b;
+    if constexpr (E == 0) {
+      b = _mm512_loadu_ps(row + s - 8);
+    } else {  // the row's eight elements at s (edge 1) or s - 8 (edge 2) in the half kept, zeros beside
+      const __m256d h = _mm256_castps_pd(_mm256_loadu_ps(E == 1 ? row : row + s - 8));
+      b = _mm512_castpd_ps(_mm512_maskz_insertf64x4(0xFF, _mm512_setzero_pd(), h, E == 1 ? 1 : 0));
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      if constexpr (E == 0)
+        a[r][q] = add_product_avx512(a[r][q], b, v[q]);
+      else
+        a[r][q] = add_product_avx512(a[r][q], b, v[q], keep);
+    }
+  }
+}
+
 /// acc[a][j0 + r][l] += lanes of phi[j0 + r][k0 + i] * x[a][k0 + i] over w elements (a multiple
-/// of 8) for eight tokens a and R rows r, from load_pairs8_avx512's buffers: each 512-bit register
-/// holds one row's eight lanes for two tokens, the row's eight elements broadcast to both halves feed
-/// four such products, and 4R accumulators stay in registers. Per lane the same product, then the
-/// same sum, in the same order as scalar::project_row: the same bits. Each step of eight elements
+/// of 8) for eight tokens a and R rows r, from load_pairs8_avx512's staggered buffers: each 512-bit
+/// register holds one row's eight lanes for two tokens, sixteen consecutive elements of the row
+/// (one plain load) feed four such products, and 4R accumulators stay in registers. w / 8 + 1 steps:
+/// the first adds only the odd tokens' first group, the last only the even tokens' last group (the
+/// other half's sums masked; phi read for the kept half only, so nothing outside the chunk). Per lane the same
+/// product, then the same sum, in the same order as scalar::project_row: the same bits. Each step
 /// takes one step of pf.
 template <int R, int M>
 MHC_TARGET_AVX512VL inline void project_8xR_avx512(const float* p, index_t K, const float (*xp)[pair_buffer], index_t w,
@@ -323,18 +372,10 @@ MHC_TARGET_AVX512VL inline void project_8xR_avx512(const float* p, index_t K, co
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) a[r][q] = pair_avx512(acc[2 * q][j0 + r], acc[2 * q + 1][j0 + r]);
-  const float *x0 = xp[0], *x1 = xp[1], *x2 = xp[2], *x3 = xp[3];
-  for (index_t i = 0; i < w; i += 8) {
-    pf.step();
-    const __m512 v[4] = {_mm512_load_ps(x0 + 2 * i), _mm512_load_ps(x1 + 2 * i), _mm512_load_ps(x2 + 2 * i),
-                         _mm512_load_ps(x3 + 2 * i)};
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 b =
-          _mm512_castpd_ps(_mm512_maskz_broadcast_f64x4(0xFF, _mm256_castps_pd(_mm256_loadu_ps(p + r * K + i))));
-#pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) a[r][q] = add_product_avx512(a[r][q], b, v[q]);
-    }
+  if (w > 0) {
+    project_8xR_step<1, R>(a, p, K, xp, 0, pf);
+    for (index_t s = 8; s < w; s += 8) project_8xR_step<0, R>(a, p, K, xp, s, pf);
+    project_8xR_step<2, R>(a, p, K, xp, w, pf);
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -390,7 +431,7 @@ MHC_TARGET_AVX512VL void project_block_avx512(const T* const* x, index_t K, cons
     if (next >= 0) {
       const T* p[8];
       for (int a = 0; a < 8; ++a) p[a] = x[a] + next;
-      pf.set(p, 8, nw * index_t(sizeof(T)), (M + R - 1) / R * (full / 8));  // steps of the calls below
+      pf.set(p, 8, nw * index_t(sizeof(T)), (M + R - 1) / R * (full / 8 + 1));  // steps of the calls below
     }
     int j = 0;
     for (; j + R <= M; j += R)
