@@ -672,15 +672,9 @@ MHC_TARGET_AVX512VL index_t head_update_block_avx512(const float* gu, const floa
     __m512 o[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     const float* ph = phi + k0 + l;
 #pragma GCC unroll 8
-    for (int j = 0; j < M; ++j, ph += K) {
-      const __m512 gj = _mm512_set1_ps(gu[j]);
+    for (int j = 0; j < M; ++j, ph += K)
 #pragma GCC unroll 2
-      for (int v = 0; v < 2; ++v) {
-        __m512 m = _mm512_mul_ps(gj, _mm512_loadu_ps(ph + 16 * v));
-        MHC_KEEP_IN_REGISTER(m);  // a product, then a sum: never one fused multiply-add
-        o[v] = _mm512_add_ps(o[v], m);
-      }
-    }
+      for (int v = 0; v < 2; ++v) o[v] = add_broadcast_product_avx512(o[v], gu + j, _mm512_loadu_ps(ph + 16 * v));
 #pragma GCC unroll 2
     for (int v = 0; v < 2; ++v) {
       const index_t c = l + 16 * v;
