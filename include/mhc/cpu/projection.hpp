@@ -290,8 +290,8 @@ MHC_TARGET_AVX2 MHC_INLINE void load_chunks4_avx2(const T* const* x, index_t k0,
 }
 
 /// Floats of one pair buffer of project_block_avx512: a chunk of two tokens, interleaved eight
-/// elements at a time with the second token one group of eight ahead, and a line of padding so the
-/// four buffers do not share L1 sets.
+/// elements at a time with the second token one group of eight ahead, plus the two half groups the
+/// stagger leaves at the ends (a line, which also keeps the four buffers off each other's L1 sets).
 inline constexpr index_t pair_buffer = 2 * scalar::projection_chunk + 16;
 
 /// For the eight tokens x[0..7], staggered by one group of eight between the tokens of a pair:
@@ -375,9 +375,9 @@ MHC_TARGET_AVX512VL MHC_INLINE void project_8xR_step(__m512 (&a)[R][4], const fl
 /// register holds one row's eight lanes for two tokens, sixteen consecutive elements of the row
 /// (one plain load) feed four such products, and 4R accumulators stay in registers. w / 8 + 1 steps:
 /// the first adds only the odd tokens' first group, the last only the even tokens' last group (the
-/// other half's sums masked; phi read for the kept half only, so nothing outside the chunk). Per lane the same
-/// product, then the same sum, in the same order as scalar::project_row: the same bits. Each step
-/// takes one step of pf.
+/// other half's sums masked; phi read for the kept half only, so nothing outside the chunk). Per
+/// lane the same product, then the same sum, in the same order as scalar::project_row: the same
+/// bits. Each step takes one step of pf.
 template <int R, int M>
 MHC_TARGET_AVX512VL inline void project_8xR_avx512(const float* p, index_t K, const float (*xp)[pair_buffer], index_t w,
                                                    float (*acc)[M][scalar::projection_lanes], int j0,
