@@ -171,6 +171,39 @@ MHC_TARGET_AVX2 void pre_apply_avx2(const float* pre, const T* R, index_t C, T* 
   scalar::pre_apply<N, T, float, scalar::plain_store>(pre, R, C, y, c, c1);
 }
 
+/// A line of 32 bf16 values at p widened exactly to floats, as the unpacks leave them: lo holds
+/// columns 8k..8k+3 in its quadword pair k, hi columns 8k+4..8k+7 (pack_bf16_line_avx512 restores
+/// the order).
+MHC_TARGET_AVX512BF16 MHC_INLINE void widen_bf16_line_avx512(const bf16* p, __m512& lo, __m512& hi) {
+  const __m512i zero = _mm512_setzero_si512(), v = _mm512_loadu_si512(p);
+  lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
+  hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
+}
+
+/// Whether a line's sums (lo, hi as widen_bf16_line_avx512 leaves them) hold a NaN or a subnormal,
+/// which the AVX-512 BF16 conversion rounds differently from storage_traits<bf16>::store.
+MHC_TARGET_AVX512BF16 MHC_INLINE bool odd_bf16_sums_avx512(__m512 lo, __m512 hi) {
+  return (unsigned(_mm512_fpclass_ps_mask(lo, 0xA1)) | unsigned(_mm512_fpclass_ps_mask(hi, 0xA1))) != 0;
+}
+
+/// The line's sums rounded to bf16 (nearest even) with the columns back in order.
+MHC_TARGET_AVX512BF16 MHC_INLINE __m512i pack_bf16_line_avx512(__m512 lo, __m512 hi) {
+  // The unpacks leave columns 8k..8k+3 in quadword k of the low half of the conversion and 8k+4..8k+7
+  // in quadword 4 + k of the high half: this permutation puts the 32 columns back in order.
+  const __m512i order = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
+  // (the zero-masking form: the plain one starts from an undefined vector, which GCC 12 warns about)
+  return _mm512_maskz_permutexvar_epi64(0xFF, order, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+}
+
+/// Writes a packed line to dst, with a streaming store when NonTemporal.
+template <bool NonTemporal>
+MHC_TARGET_AVX512BF16 MHC_INLINE void store_bf16_line_avx512(bf16* dst, __m512i v) {
+  if constexpr (NonTemporal)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), v);
+  else
+    _mm512_storeu_si512(dst, v);
+}
+
 /// pre_apply_avx2 for bf16 storage with AVX-512 (the same bits): a line of y (32 columns) per step,
 /// the products and sums of pre_apply_avx2 in 512-bit registers, rounded to bf16 by the AVX-512 BF16
 /// conversion (round to nearest even, as the row writer). Lines with a NaN or subnormal sum, which
@@ -184,37 +217,30 @@ MHC_TARGET_AVX512BF16 __attribute__((noinline)) void pre_apply_bf16_avx512(const
   scalar::pre_apply<N, bf16, float, scalar::plain_store>(pre, R, C, y, c0, body);
   __m512 w[N];
   for (int m = 0; m < N; ++m) w[m] = _mm512_set1_ps(pre[m]);
-  const __m512i zero = _mm512_setzero_si512();
-  // The columns back in order after the unpacks and the conversion (as in post_bf16_avx512).
-  const __m512i order = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
   index_t c = body;
   for (; c + cols <= c1; c += cols) {
     prefetch_mix_rows<N>(R, C, c);
-    const __m512i v0 = _mm512_loadu_si512(R + c);
-    __m512 lo = _mm512_mul_ps(w[0], _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v0)));
-    __m512 hi = _mm512_mul_ps(w[0], _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v0)));
+    __m512 lo, hi;
+    widen_bf16_line_avx512(R + c, lo, hi);
+    lo = _mm512_mul_ps(w[0], lo);
+    hi = _mm512_mul_ps(w[0], hi);
     MHC_KEEP_IN_REGISTER(lo);
     MHC_KEEP_IN_REGISTER(hi);
     for (int m = 1; m < N; ++m) {
-      const __m512i v = _mm512_loadu_si512(R + index_t(m) * C + c);
-      __m512 pl = _mm512_mul_ps(w[m], _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v)));
-      __m512 ph = _mm512_mul_ps(w[m], _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v)));
+      __m512 pl, ph;
+      widen_bf16_line_avx512(R + index_t(m) * C + c, pl, ph);
+      pl = _mm512_mul_ps(w[m], pl);
+      ph = _mm512_mul_ps(w[m], ph);
       MHC_KEEP_IN_REGISTER(pl);
       MHC_KEEP_IN_REGISTER(ph);
       lo = _mm512_add_ps(lo, pl);
       hi = _mm512_add_ps(hi, ph);
     }
-    const unsigned odd = unsigned(_mm512_fpclass_ps_mask(lo, 0xA1)) | unsigned(_mm512_fpclass_ps_mask(hi, 0xA1));
-    if (odd != 0) {  // a NaN or subnormal sum
+    if (odd_bf16_sums_avx512(lo, hi)) {
       scalar::pre_apply<N, bf16, float, scalar::plain_store>(pre, R, C, y, c, c + cols);
       continue;
     }
-    const __m512i out =
-        _mm512_maskz_permutexvar_epi64(0xFF, order, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
-    if (NonTemporal)
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(y + c), out);
-    else
-      _mm512_storeu_si512(y + c, out);
+    store_bf16_line_avx512<NonTemporal>(y + c, pack_bf16_line_avx512(lo, hi));
   }
   scalar::pre_apply<N, bf16, float, scalar::plain_store>(pre, R, C, y, c, c1);
 }
@@ -283,24 +309,14 @@ MHC_TARGET_AVX512BF16 __attribute__((noinline)) void post_bf16_avx512(const floa
   __m512 kp[N], kc[N * N];
   for (int o = 0; o < N; ++o) kp[o] = _mm512_set1_ps(post_w[o]);
   for (int k = 0; k < N * N; ++k) kc[k] = _mm512_set1_ps(comb[k]);
-  const __m512i zero = _mm512_setzero_si512();
-  // The unpacks leave columns 8k..8k+3 in quadword k of the low half of the conversion and 8k+4..8k+7
-  // in quadword 4 + k of the high half: this permutation puts the 32 columns back in order.
-  const __m512i order = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
   index_t c = body;
   for (; c + cols <= c1; c += cols) {
     prefetch_mix_rows<N>(R, C, c, y);
-    __m512 rl[N], rh[N];
-    for (int i = 0; i < N; ++i) {
-      const __m512i v = _mm512_loadu_si512(R + index_t(i) * C + c);
-      rl[i] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
-      rh[i] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
-    }
-    const __m512i yv = _mm512_loadu_si512(y + c);
-    const __m512 yl = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, yv));
-    const __m512 yh = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, yv));
+    __m512 rl[N], rh[N], yl, yh;
+    for (int i = 0; i < N; ++i) widen_bf16_line_avx512(R + index_t(i) * C + c, rl[i], rh[i]);
+    widen_bf16_line_avx512(y + c, yl, yh);
     __m512i out[N];
-    unsigned odd = 0;  // outputs the conversion would round differently: NaN or subnormal
+    bool odd = false;  // outputs the conversion would round differently: NaN or subnormal
     for (int o = 0; o < N; ++o) {
       __m512 lo = _mm512_mul_ps(kp[o], yl), hi = _mm512_mul_ps(kp[o], yh);
       MHC_KEEP_IN_REGISTER(lo);
@@ -312,21 +328,14 @@ MHC_TARGET_AVX512BF16 __attribute__((noinline)) void post_bf16_avx512(const floa
         lo = _mm512_add_ps(lo, pl);
         hi = _mm512_add_ps(hi, ph);
       }
-      odd |= unsigned(_mm512_fpclass_ps_mask(lo, 0xA1)) | unsigned(_mm512_fpclass_ps_mask(hi, 0xA1));  // NaN, subnormal
-      // (the zero-masking form: the plain one starts from an undefined vector, which GCC 12 warns about)
-      out[o] = _mm512_maskz_permutexvar_epi64(0xFF, order, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      odd |= odd_bf16_sums_avx512(lo, hi);
+      out[o] = pack_bf16_line_avx512(lo, hi);
     }
-    if (odd != 0) {
+    if (odd) {
       scalar::post<N, bf16, float, scalar::plain_store>(post_w, comb, y, R, C, Rout, c, c + cols);
       continue;
     }
-    for (int o = 0; o < N; ++o) {
-      void* dst = Rout + index_t(o) * C + c;
-      if (NonTemporal)
-        _mm512_stream_si512(static_cast<__m512i*>(dst), out[o]);
-      else
-        _mm512_storeu_si512(dst, out[o]);
-    }
+    for (int o = 0; o < N; ++o) store_bf16_line_avx512<NonTemporal>(Rout + index_t(o) * C + c, out[o]);
   }
   scalar::post<N, bf16, float, scalar::plain_store>(post_w, comb, y, R, C, Rout, c, c1);
 }
