@@ -228,6 +228,21 @@ struct backend_traits<cpu> {
                                   const F* gz, T* gR, F* gphi) {
     constexpr int M = coeff_count<N>;
     const index_t K = N * s.hidden;
+#if MHC_HAVE_AVX2_KERNELS
+    if constexpr (std::is_same_v<F, float> && M > 4)
+      if (be.isa() == cpu_isa::avx2 && detail::avx512vl_kernels()) {
+        // One pass over R, split over blocks of columns: each block's input gradient and grad_phi.
+        const index_t wb = detail::backward_block_width<M>(K, be.threads()), blocks = (K + wb - 1) / wb;
+        be.parallel_for(blocks, 1, [&](index_t b0, index_t b1, int) {
+          for (index_t blk = b0; blk < b1; ++blk) {
+            const index_t k0 = blk * wb;
+            detail::projection_backward_block_avx512<M>(s.tokens, K, R, phi, u, r, gz, gR, gphi, k0,
+                                                        std::min(wb, K - k0), blk + 1 < b1 ? k0 + wb : -1);
+          }
+        });
+        return;
+      }
+#endif
     be.parallel_for(s.tokens, token_grain(K * M), [&](index_t b, index_t e, int) {
       detail::with_isa(be.isa(), [&]() MHC_ALWAYS_INLINE_LAMBDA {
         // A slab of tokens at a time: their coefficients, then each panel of phi packed once for

@@ -736,6 +736,78 @@ inline void head_update_row(cpu_isa isa, T* g, const T* go, F h, F* p, index_t w
   }
 }
 
+#if MHC_HAVE_AVX2_KERNELS
+/// Tokens per tile of projection_backward_block_avx512: their input gradient, then their grad_phi
+/// terms while their rows of the block are still cached.
+inline constexpr int backward_tile = 16;
+
+/// projection_backward for the columns [k0, k0 + w) of every token (w <= grad_phi_wide_block<M>),
+/// with 512-bit kernels: the input gradient added to gR and grad_phi[j][k0 .. k0 + w) written. A
+/// tile of tokens at a time: their coefficients (scalar::projection_backward_coeffs), four at a time
+/// their input gradient over the packed panel of phi (packed once for all the tokens), then their
+/// grad_phi terms added to the block's accumulators from the rows of R the input gradient just read
+/// (L1 or L2, not memory: R is read from memory once, not once per pass). Per element the same
+/// products and sums in the same order as the separate passes (the input gradient of each element
+/// is its own; grad_phi sums tokens in order from zero, kept in fp32 between tiles): the same bits.
+/// Prefetched as the kernel runs: the rows of R the next call reads (at k_next, the caller's next
+/// block, after the last tile; k_next < 0: none) and the rows of gR it then updates.
+template <int M, class T>
+MHC_TARGET_AVX512VL void projection_backward_block_avx512(index_t tokens, index_t K, const T* R, const float* phi,
+                                                          const float* u, const float* r, const float* gz, T* gR,
+                                                          float* gphi, index_t k0, index_t w, index_t k_next) {
+  constexpr index_t B = grad_phi_wide_block<M>;
+  constexpr int TT = backward_tile, G = input_grad_tokens;
+  static_assert(TT % G == 0, "whole groups per tile");
+  alignas(64) float acc[M][B];
+  alignas(64) float xt[TT][32];  // the staged last columns of grad_phi
+  alignas(64) float pg[G][B];
+  float g[TT * M], gu[TT * M], gs[TT];
+  phi_panel<M, float, B> pn;
+  pn.load(cpu_isa::avx2, phi, K, k0, w, int(tokens < G ? tokens : G));
+  const index_t full = w / 32 * 32, cols = (w + 31) / 32 * 32;
+  for (int j = 0; j < M; ++j)
+    for (index_t l = 0; l < cols; l += 16) _mm512_store_ps(acc[j] + l, _mm512_setzero_ps());
+  for (index_t t0 = 0; t0 < tokens; t0 += TT) {
+    const int nt = int(tokens - t0 < TT ? tokens - t0 : TT);
+    for (int a = 0; a < nt; ++a) {
+      const index_t t = t0 + a;
+      gs[a] = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu + a * M);
+      for (int j = 0; j < M; ++j) g[a * M + j] = gz[t * M + j] * r[t];
+    }
+    for (int a = 0; a < nt; a += G) {
+      const int ng = nt - a < G ? nt - a : G;
+      float* pgs[G];
+      const T* xs[G];
+      for (int q = 0; q < ng; ++q) pgs[q] = pg[q], xs[q] = R + (t0 + a + q) * K + k0;
+      prefetch_rows<T> pf;
+      index_t tn = t0 + a + G, kn = k0;  // the next group's first token, and its column
+      if (tn >= tokens) tn = 0, kn = k_next;
+      if (kn >= 0)
+        for (index_t q = 0; q < G && tn + q < tokens; ++q) pf.add(R + (tn + q) * K + kn);
+      for (int q = 0; q < ng; ++q) pf.add(gR + (t0 + a + q) * K + k0);
+      projection_input_grad_tokens<M>(cpu_isa::avx2, pn, ng, gu + a * M, xs, gs + a, pgs, pf);
+      for (int q = 0; q < ng; ++q) accumulate_row(cpu_isa::avx2, gR + (t0 + a + q) * K + k0, pg[q], w);
+    }
+    grad_phi_tiles_avx512<M, B>(g, R + t0 * K + k0, K, full, nt, acc[0], grad_phi_prefetch{});
+    if (full < w) {
+      for (int a = 0; a < nt; ++a) grad_phi_stage_row_avx2<32>(R + (t0 + a) * K + k0 + full, w - full, xt[a]);
+      grad_phi_tiles_avx512<M, B>(g, xt[0], 32, 32, nt, acc[0] + full, grad_phi_prefetch{});
+    }
+  }
+  for (int j = 0; j < M; ++j)
+    for (index_t l = 0; l < w; ++l) gphi[index_t(j) * K + k0 + l] = acc[j][l];
+}
+
+/// Column block width for projection_backward_block_avx512 over `threads` threads: its widest
+/// (grad_phi_wide_block<M>), halved while that leaves fewer than two blocks per thread, down to 128.
+template <int M>
+inline index_t backward_block_width(index_t K, index_t threads) {
+  index_t w = grad_phi_wide_block<M>;
+  while (w > 128 && (K + w - 1) / w < 2 * threads) w /= 2;
+  return w;
+}
+#endif
+
 /// scalar::grad_pre with the kernels of `isa` (the same bits for every isa).
 template <int N, class T, class F>
 inline void grad_pre(cpu_isa isa, const T* R, const T* gy, index_t C, F* gpre) {
