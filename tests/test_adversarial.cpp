@@ -550,12 +550,13 @@ TEST(Determinism, HeadBackwardBf16NonFiniteGradAcrossInstructionSets) {
 // grad_residual_out) with ordinary ones, in slabs of tokens whose panels of phi serve four tokens at
 // a time: both give the same bits, and the same as the baseline kernels on one thread. 256 tokens of
 // n = 4, C = 4096 reach the streaming size (8 MiB) in bf16 and fp32; 254 tokens leave a partial group.
+// On 4 threads, 254 tokens and 9 take the split over blocks of columns (few tokens per thread).
 template <class T>
 void pre_backward_store_paths() {
   using F = mhc::compute_t<T>;
   constexpr int n = 4, M = mhc::coeff_count<n>;
   const index_t C = 4096, K = n * C;
-  for (index_t tokens : {256, 254}) {
+  for (index_t tokens : {256, 254, 9}) {
     SCOPED_TRACE("tokens " + std::to_string(tokens));
     const auto R = mhc_test::to<T>(mhc_test::normal(std::size_t(tokens * K), 1.0, 21));
     const auto gRout = mhc_test::to<T>(mhc_test::normal(R.size(), 1.0, 22));
@@ -588,6 +589,9 @@ void pre_backward_store_paths() {
     EXPECT_TRUE(mhc_test::bit_equal(streamed, run(two, true))) << "streaming stores vs in place";
     EXPECT_TRUE(mhc_test::bit_equal(streamed, run(mhc::cpu(1, mhc::cpu_isa::baseline), true)))
         << "vs the baseline kernels on one thread";
+    const mhc::cpu four(4);
+    EXPECT_TRUE(mhc_test::bit_equal(streamed, run(four, false))) << "4 threads";
+    EXPECT_TRUE(mhc_test::bit_equal(streamed, run(four, true))) << "4 threads, in place";
   }
 }
 

@@ -524,9 +524,45 @@ struct backend_traits<cpu> {
 #if MHC_HAVE_AVX2_KERNELS
     const bool wide = be.isa() == cpu_isa::avx2 && detail::avx512vl_kernels();
 #endif
+    bool gphi_done = false;  // grad_phi written by the column blocks of the wide path
     // gR is written once, not read (unless in place): streaming stores when it is large.
     with_row_writer(be, tokens * K * index_t(sizeof(T)), gR == gRout, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
     using Store = decltype(store);
+#if MHC_HAVE_AVX2_KERNELS
+    if constexpr (detail::avx2_row_types<T, F> && M > 4)
+      if (wide && tokens < detail::column_split_tokens * be.threads()) {
+        // Few tokens per thread (decode, short sequences): two passes, over the tokens their gates
+        // backward (gz), then over blocks of columns the input gradient, the mixing and grad_phi of
+        // each block, all threads busy however few the tokens. (At T = 1, C = 4096, 2 threads:
+        // 122 -> 75 us; more tokens than column_split_tokens per thread ran slower than the token
+        // split below, which reads each slab's rows of R while they are cached.)
+        constexpr int S = detail::backward_slab;
+        be.parallel_for(tokens, token_grain(K * M), [&](index_t b, index_t e, int w) {
+          for (index_t t0 = b; t0 < e; t0 += S) {
+            const int nt = int(std::min<index_t>(S, e - t0));
+            F gpre[S * N];
+            for (int a = 0; a < nt; ++a)
+              detail::grad_pre<N>(be.isa(), R + (t0 + a) * K, gy_in + (t0 + a) * C, C, gpre + a * N);
+            gates_backward_tokens<N, Mapping>(be.isa(), nt, u + t0 * M, r + t0, alpha, bias, cfg, gpre,
+                                              gpost + t0 * N, gcomb + t0 * N * N, gz + t0 * M, gb + t0 * M,
+                                              ga3 + t0 * 3, scratch + w * per_worker);
+          }
+        });
+        constexpr index_t W = detail::panel_width<M, F>(N) / 32 * 32;
+        const index_t wc = detail::pre_backward_block_width<W>(C, be.threads()), blocks = (C + wc - 1) / wc;
+        be.parallel_for(blocks, 1, [&](index_t b0, index_t b1, int) {
+          for (index_t blk = b0; blk < b1; ++blk) {
+            const index_t c0 = blk * wc;
+            detail::pre_backward_block_avx512<N, M, W, Store>(tokens, C, R, phi, comb, pre_w, u, r, gz, gRout, gy_in,
+                                                              gR, gphi, c0, std::min(wc, C - c0),
+                                                              blk + 1 < b1 ? c0 + wc : -1);
+          }
+          detail::stream_fence();
+        });
+        gphi_done = true;
+        return;
+      }
+#endif
     be.parallel_for(tokens, token_grain(K * M), [&](index_t b, index_t e, int w) {
       with_isa<Store>(be, [&]() MHC_ALWAYS_INLINE_LAMBDA {
         // A slab of tokens at a time (see projection_backward): first their gates backward and
@@ -627,7 +663,7 @@ struct backend_traits<cpu> {
     });
     });
     reduce_alpha_bias<M>(tokens, gb, ga3, 3, galpha, gbias);
-    accumulate_grad_phi<M>(be, tokens, K, R, gz, r, gphi);
+    if (!gphi_done) accumulate_grad_phi<M>(be, tokens, K, R, gz, r, gphi);
   }
 
   // --------------------------------------------------------------------------------------- post

@@ -798,6 +798,96 @@ MHC_TARGET_AVX512VL void projection_backward_block_avx512(index_t tokens, index_
     for (index_t l = 0; l < w; ++l) gphi[index_t(j) * K + k0 + l] = acc[j][l];
 }
 
+/// pre_backward (the wide path) for the columns [c0, c0 + w) of every stream of every token (w <=
+/// W, the panel width), once the gates backward has written gz: per tile of tokens their projection
+/// coefficients, four tokens at a time the input gradient of each stream over its packed panel of phi
+/// (packed once for all the tokens), the mixing (pre_backward_mix_avx512) and gR's block written
+/// through Store, then the tile's grad_phi terms from the rows of R just read, into the block's
+/// accumulators (grad_phi[j][i C + c0 .. + w) written at the end). The products and sums of the
+/// token-split loop and of accumulate_grad_phi, in the same order: the same bits. Prefetched as the
+/// kernels run: the rows of R the next call reads (the next block's at c_next after the last tile;
+/// c_next < 0: none) and what the mixing then reads.
+template <int N, int M, index_t W, class Store, class T>
+MHC_TARGET_AVX512VL void pre_backward_block_avx512(index_t tokens, index_t C, const T* R, const float* phi,
+                                                   const float* comb, const float* pre_w, const float* u,
+                                                   const float* r, const float* gz, const T* gRout, const T* gy_in,
+                                                   T* gR, float* gphi, index_t c0, index_t w, index_t c_next) {
+  constexpr int TT = backward_tile, G = input_grad_tokens;
+  constexpr index_t RW = N * W;
+  static_assert(W % 32 == 0 && TT % G == 0, "whole tiles of 32 columns, whole groups per tile");
+  const index_t K = N * C;
+  alignas(64) float acc[M][RW];
+  alignas(64) float xt[TT][32];  // the staged last columns of grad_phi
+  alignas(64) float pg[G][N][W];
+  alignas(64) float ob[N][W];
+  float g[TT * M], gu[TT * M], gs[TT];
+  phi_panel<M, float, W> pn[N];
+  for (int i = 0; i < N; ++i) pn[i].load(cpu_isa::avx2, phi, K, index_t(i) * C + c0, w, int(tokens < G ? tokens : G));
+  const index_t full = w / 32 * 32, cols = (w + 31) / 32 * 32;
+  for (int j = 0; j < M; ++j)
+    for (int i = 0; i < N; ++i)
+      for (index_t l = 0; l < cols; l += 16) _mm512_store_ps(acc[j] + i * W + l, _mm512_setzero_ps());
+  for (index_t t0 = 0; t0 < tokens; t0 += TT) {
+    const int nt = int(tokens - t0 < TT ? tokens - t0 : TT);
+    for (int a = 0; a < nt; ++a) {
+      const index_t t = t0 + a;
+      gs[a] = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu + a * M);
+      for (int j = 0; j < M; ++j) g[a * M + j] = gz[t * M + j] * r[t];
+    }
+    for (int a = 0; a < nt; a += G) {
+      const int ng = nt - a < G ? nt - a : G;
+      for (int i = 0; i < N; ++i) {
+        float* pgs[G];
+        const T* xs[G];
+        for (int q = 0; q < ng; ++q) pgs[q] = pg[q][i], xs[q] = R + (t0 + a + q) * K + index_t(i) * C + c0;
+        prefetch_rows<T> pf;
+        index_t tn = t0 + a, kn = index_t(i + 1) * C + c0;  // the next stream
+        if (i + 1 == N) {
+          tn = t0 + a + G, kn = c0;  // the next group
+          if (tn >= tokens) tn = 0, kn = c_next;
+        }
+        if (kn >= 0)
+          for (index_t q = 0; q < G && tn + q < tokens; ++q) pf.add(R + (tn + q) * K + kn);
+        for (int q = 0; q < ng; ++q) pf.add(gRout + (t0 + a + q) * K + index_t(i) * C + c0);
+        if (i == 0)
+          for (int q = 0; q < ng; ++q) pf.add(gy_in + (t0 + a + q) * C + c0);
+        projection_input_grad_tokens<M>(cpu_isa::avx2, pn[i], ng, gu + a * M, xs, gs + a, pgs, pf);
+      }
+      for (int q = 0; q < ng; ++q) {
+        const index_t t = t0 + a + q;
+        pre_backward_mix_avx512<N, W>(comb + t * N * N, pre_w + t * N, gRout + t * K + c0, gy_in + t * C + c0, C, w,
+                                      pg[q], ob);
+        for (int i = 0; i < N; ++i) Store::row(gR + t * K + index_t(i) * C + c0, ob[i], w);
+      }
+    }
+    for (int i = 0; i < N; ++i) {
+      const T* x = R + t0 * K + index_t(i) * C + c0;
+      grad_phi_tiles_avx512<M, RW>(g, x, K, full, nt, acc[0] + i * W, grad_phi_prefetch{});
+      if (full < w) {
+        for (int a = 0; a < nt; ++a) grad_phi_stage_row_avx2<32>(x + a * K + full, w - full, xt[a]);
+        grad_phi_tiles_avx512<M, RW>(g, xt[0], 32, 32, nt, acc[0] + i * W + full, grad_phi_prefetch{});
+      }
+    }
+  }
+  for (int j = 0; j < M; ++j)
+    for (int i = 0; i < N; ++i)
+      for (index_t l = 0; l < w; ++l) gphi[index_t(j) * K + index_t(i) * C + c0 + l] = acc[j][i * W + l];
+}
+
+/// Tokens per thread below which pre_backward splits its input gradient over blocks of columns
+/// (pre_backward_block_avx512) rather than over the tokens: at 2 threads and C = 1280 to 7168, T = 64
+/// ran 10-30% faster so, T = 128 about even, T = 256 and 512 5-25% slower.
+inline constexpr index_t column_split_tokens = 64;
+
+/// Column block width for pre_backward_block_avx512 over `threads` threads: W (the panel width),
+/// halved while that leaves fewer than two blocks per thread, down to 64.
+template <index_t W>
+inline index_t pre_backward_block_width(index_t C, index_t threads) {
+  index_t w = W;
+  while (w > 64 && w % 64 == 0 && (C + w - 1) / w < 2 * threads) w /= 2;
+  return w;
+}
+
 /// Column block width for projection_backward_block_avx512 over `threads` threads: its widest
 /// (grad_phi_wide_block<M>), halved while that leaves fewer than two blocks per thread, down to 128.
 template <int M>
