@@ -529,7 +529,7 @@ struct backend_traits<cpu> {
     with_row_writer(be, tokens * K * index_t(sizeof(T)), gR == gRout, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
     using Store = decltype(store);
 #if MHC_HAVE_AVX2_KERNELS
-    if constexpr (detail::avx2_row_types<T, F> && M > 4)
+    if constexpr (detail::avx2_row_types<T, F> && detail::pre_backward_columns<N, M>)
       if (wide && tokens < detail::column_split_tokens * be.threads()) {
         // Few tokens per thread (decode, short sequences): two passes, over the tokens their gates
         // backward (gz), then over blocks of columns the input gradient, the mixing and grad_phi of
@@ -548,7 +548,7 @@ struct backend_traits<cpu> {
                                               ga3 + t0 * 3, scratch + w * per_worker);
           }
         });
-        constexpr index_t W = detail::panel_width<M, F>(N) / 32 * 32;
+        constexpr index_t W = detail::pre_backward_block<N, M>;
         const index_t wc = detail::pre_backward_block_width<W>(C, be.threads()), blocks = (C + wc - 1) / wc;
         be.parallel_for(blocks, 1, [&](index_t b0, index_t b1, int) {
           for (index_t blk = b0; blk < b1; ++blk) {

@@ -799,7 +799,7 @@ MHC_TARGET_AVX512VL void projection_backward_block_avx512(index_t tokens, index_
 }
 
 /// pre_backward (the wide path) for the columns [c0, c0 + w) of every stream of every token (w <=
-/// W, the panel width), once the gates backward has written gz: per tile of tokens their projection
+/// W, pre_backward_block), once the gates backward has written gz: per tile of tokens their projection
 /// coefficients, four tokens at a time the input gradient of each stream over its packed panel of phi
 /// (packed once for all the tokens), the mixing (pre_backward_mix_avx512) and gR's block written
 /// through Store, then the tile's grad_phi terms from the rows of R just read, into the block's
@@ -879,7 +879,19 @@ MHC_TARGET_AVX512VL void pre_backward_block_avx512(index_t tokens, index_t C, co
 /// ran 10-30% faster so, T = 128 about even, T = 256 and 512 5-25% slower.
 inline constexpr index_t column_split_tokens = 64;
 
-/// Column block width for pre_backward_block_avx512 over `threads` threads: W (the panel width),
+/// The widest column block of pre_backward_block_avx512 for N streams (M rows of phi): half the
+/// panel width of the token-split loop, a multiple of 32. At T = 1, C = 4096 (2 threads) the half
+/// took 56 us against 73-82 us for the whole width; T = 16 and 64 ran the same.
+template <int N, int M>
+inline constexpr index_t pre_backward_block = std::max<index_t>(32, panel_width<M, float>(N) / 2 / 32 * 32);
+
+/// Whether pre_backward takes the column split for N streams: where its accumulators and panels (on
+/// the stack) take at most 96 KiB, about 115 KiB of stack in all (n = 1..6; at n = 7 and 8 the
+/// narrowest block would take 113 and 160 KiB, and the token split stays).
+template <int N, int M>
+inline constexpr bool pre_backward_columns = M > 4 && 2 * M * N * pre_backward_block<N, M> * 4 <= 98304;
+
+/// Column block width for pre_backward_block_avx512 over `threads` threads: W (pre_backward_block),
 /// halved while that leaves fewer than two blocks per thread, down to 64.
 template <index_t W>
 inline index_t pre_backward_block_width(index_t C, index_t threads) {
