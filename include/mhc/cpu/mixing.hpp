@@ -741,6 +741,33 @@ inline void head_update_row(cpu_isa isa, T* g, const T* go, F h, F* p, index_t w
 /// terms while their rows of the block are still cached.
 inline constexpr int backward_tile = 16;
 
+/// The coefficients of the tokens [t0, t0 + nt) of a backward tile (tile index a = t - t0): gs[a] and
+/// gu[a*M..] (scalar::projection_backward_coeffs) for the input gradient, g[a*M + j] = gz * r for
+/// grad_phi (as accumulate_grad_phi_block_avx512 forms it).
+template <int M>
+MHC_INLINE void backward_tile_coeffs(index_t t0, int nt, index_t K, const float* gz, const float* u, const float* r,
+                                     float* g, float* gu, float* gs) {
+  for (int a = 0; a < nt; ++a) {
+    const index_t t = t0 + a;
+    gs[a] = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu + a * M);
+    for (int j = 0; j < M; ++j) g[a * M + j] = gz[t * M + j] * r[t];
+  }
+}
+
+/// acc[j][0..w) (rows RW apart) += g[a*M + j] * x_a[0..w) for the nt tokens of a tile in order (x:
+/// the first token's row, rows K apart): grad_phi_tiles_avx512 on the rows in place for the whole
+/// groups of 32 columns, the rest staged with zero padding in xt.
+template <int M, index_t RW, class T>
+MHC_TARGET_AVX512VL MHC_INLINE void grad_phi_tile_columns(const float* g, const T* x, index_t K, index_t w, int nt,
+                                                          float* acc, float (*xt)[32]) {
+  const index_t full = w / 32 * 32;
+  grad_phi_tiles_avx512<M, RW>(g, x, K, full, nt, acc, grad_phi_prefetch{});
+  if (full < w) {
+    for (int a = 0; a < nt; ++a) grad_phi_stage_row_avx2<32>(x + a * K + full, w - full, xt[a]);
+    grad_phi_tiles_avx512<M, RW>(g, xt[0], 32, 32, nt, acc + full, grad_phi_prefetch{});
+  }
+}
+
 /// projection_backward for the columns [k0, k0 + w) of every token (w <= grad_phi_wide_block<M>),
 /// with 512-bit kernels: the input gradient added to gR and grad_phi[j][k0 .. k0 + w) written. A
 /// tile of tokens at a time: their coefficients (scalar::projection_backward_coeffs), four at a time
@@ -764,16 +791,12 @@ MHC_TARGET_AVX512VL void projection_backward_block_avx512(index_t tokens, index_
   float g[TT * M], gu[TT * M], gs[TT];
   phi_panel<M, float, B> pn;
   pn.load(cpu_isa::avx2, phi, K, k0, w, int(tokens < G ? tokens : G));
-  const index_t full = w / 32 * 32, cols = (w + 31) / 32 * 32;
+  const index_t cols = (w + 31) / 32 * 32;
   for (int j = 0; j < M; ++j)
     for (index_t l = 0; l < cols; l += 16) _mm512_store_ps(acc[j] + l, _mm512_setzero_ps());
   for (index_t t0 = 0; t0 < tokens; t0 += TT) {
     const int nt = int(tokens - t0 < TT ? tokens - t0 : TT);
-    for (int a = 0; a < nt; ++a) {
-      const index_t t = t0 + a;
-      gs[a] = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu + a * M);
-      for (int j = 0; j < M; ++j) g[a * M + j] = gz[t * M + j] * r[t];
-    }
+    backward_tile_coeffs<M>(t0, nt, K, gz, u, r, g, gu, gs);
     for (int a = 0; a < nt; a += G) {
       const int ng = nt - a < G ? nt - a : G;
       float* pgs[G];
@@ -788,11 +811,7 @@ MHC_TARGET_AVX512VL void projection_backward_block_avx512(index_t tokens, index_
       projection_input_grad_tokens<M>(cpu_isa::avx2, pn, ng, gu + a * M, xs, gs + a, pgs, pf);
       for (int q = 0; q < ng; ++q) accumulate_row(cpu_isa::avx2, gR + (t0 + a + q) * K + k0, pg[q], w);
     }
-    grad_phi_tiles_avx512<M, B>(g, R + t0 * K + k0, K, full, nt, acc[0], grad_phi_prefetch{});
-    if (full < w) {
-      for (int a = 0; a < nt; ++a) grad_phi_stage_row_avx2<32>(R + (t0 + a) * K + k0 + full, w - full, xt[a]);
-      grad_phi_tiles_avx512<M, B>(g, xt[0], 32, 32, nt, acc[0] + full, grad_phi_prefetch{});
-    }
+    grad_phi_tile_columns<M, B>(g, R + t0 * K + k0, K, w, nt, acc[0], xt);
   }
   for (int j = 0; j < M; ++j)
     for (index_t l = 0; l < w; ++l) gphi[index_t(j) * K + k0 + l] = acc[j][l];
@@ -823,17 +842,13 @@ MHC_TARGET_AVX512VL void pre_backward_block_avx512(index_t tokens, index_t C, co
   float g[TT * M], gu[TT * M], gs[TT];
   phi_panel<M, float, W> pn[N];
   for (int i = 0; i < N; ++i) pn[i].load(cpu_isa::avx2, phi, K, index_t(i) * C + c0, w, int(tokens < G ? tokens : G));
-  const index_t full = w / 32 * 32, cols = (w + 31) / 32 * 32;
+  const index_t cols = (w + 31) / 32 * 32;
   for (int j = 0; j < M; ++j)
     for (int i = 0; i < N; ++i)
       for (index_t l = 0; l < cols; l += 16) _mm512_store_ps(acc[j] + i * W + l, _mm512_setzero_ps());
   for (index_t t0 = 0; t0 < tokens; t0 += TT) {
     const int nt = int(tokens - t0 < TT ? tokens - t0 : TT);
-    for (int a = 0; a < nt; ++a) {
-      const index_t t = t0 + a;
-      gs[a] = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu + a * M);
-      for (int j = 0; j < M; ++j) g[a * M + j] = gz[t * M + j] * r[t];
-    }
+    backward_tile_coeffs<M>(t0, nt, K, gz, u, r, g, gu, gs);
     for (int a = 0; a < nt; a += G) {
       const int ng = nt - a < G ? nt - a : G;
       for (int i = 0; i < N; ++i) {
@@ -860,14 +875,8 @@ MHC_TARGET_AVX512VL void pre_backward_block_avx512(index_t tokens, index_t C, co
         for (int i = 0; i < N; ++i) Store::row(gR + t * K + index_t(i) * C + c0, ob[i], w);
       }
     }
-    for (int i = 0; i < N; ++i) {
-      const T* x = R + t0 * K + index_t(i) * C + c0;
-      grad_phi_tiles_avx512<M, RW>(g, x, K, full, nt, acc[0] + i * W, grad_phi_prefetch{});
-      if (full < w) {
-        for (int a = 0; a < nt; ++a) grad_phi_stage_row_avx2<32>(x + a * K + full, w - full, xt[a]);
-        grad_phi_tiles_avx512<M, RW>(g, xt[0], 32, 32, nt, acc[0] + i * W + full, grad_phi_prefetch{});
-      }
-    }
+    for (int i = 0; i < N; ++i)
+      grad_phi_tile_columns<M, RW>(g, R + t0 * K + index_t(i) * C + c0, K, w, nt, acc[0] + i * W, xt);
   }
   for (int j = 0; j < M; ++j)
     for (int i = 0; i < N; ++i)
