@@ -534,7 +534,7 @@ struct backend_traits<cpu> {
         // Few tokens per thread (decode, short sequences): two passes, over the tokens their gates
         // backward (gz), then over blocks of columns the input gradient, the mixing and grad_phi of
         // each block, all threads busy however few the tokens. (At T = 1, C = 4096, 2 threads:
-        // 122 -> 75 us; more tokens than column_split_tokens per thread ran slower than the token
+        // 116 -> 56 us; more tokens than column_split_tokens per thread ran slower than the token
         // split below, which reads each slab's rows of R while they are cached.)
         constexpr int S = detail::backward_slab;
         be.parallel_for(tokens, token_grain(K * M), [&](index_t b, index_t e, int w) {

@@ -884,8 +884,8 @@ MHC_TARGET_AVX512VL void pre_backward_block_avx512(index_t tokens, index_t C, co
 }
 
 /// Tokens per thread below which pre_backward splits its input gradient over blocks of columns
-/// (pre_backward_block_avx512) rather than over the tokens: at 2 threads and C = 1280 to 7168, T = 64
-/// ran 10-30% faster so, T = 128 about even, T = 256 and 512 5-25% slower.
+/// (pre_backward_block_avx512) rather than over the tokens. With the column split, at 2 threads and
+/// C = 1280 to 7168, T = 64 ran 10-30% faster, T = 128 about even, T = 256 and 512 5-25% slower.
 inline constexpr index_t column_split_tokens = 64;
 
 /// The widest column block of pre_backward_block_avx512 for N streams (M rows of phi): half the
@@ -895,8 +895,8 @@ template <int N, int M>
 inline constexpr index_t pre_backward_block = std::max<index_t>(32, panel_width<M, float>(N) / 2 / 32 * 32);
 
 /// Whether pre_backward takes the column split for N streams: where its accumulators and panels (on
-/// the stack) take at most 96 KiB, about 115 KiB of stack in all (n = 1..6; at n = 7 and 8 the
-/// narrowest block would take 113 and 160 KiB, and the token split stays).
+/// the stack) take at most 96 KiB, about 115 KiB of stack in all (n = 2..6; at n = 7 and 8 the
+/// narrowest block would take 113 and 160 KiB, and the token split stays; n = 1 has M = 3 rows).
 template <int N, int M>
 inline constexpr bool pre_backward_columns = M > 4 && 2 * M * N * pre_backward_block<N, M> * 4 <= 98304;
 
