@@ -232,7 +232,8 @@ struct backend_traits<cpu> {
     if constexpr (std::is_same_v<F, float> && M > 4)
       if (be.isa() == cpu_isa::avx2 && detail::avx512vl_kernels()) {
         // One pass over R, split over blocks of columns: each block's input gradient and grad_phi.
-        const index_t wb = detail::backward_block_width<M>(K, be.threads()), blocks = (K + wb - 1) / wb;
+        const index_t wb = detail::column_block_width(K, detail::grad_phi_wide_block<M>, 128, be.threads());
+        const index_t blocks = (K + wb - 1) / wb;
         be.parallel_for(blocks, 1, [&](index_t b0, index_t b1, int) {
           for (index_t blk = b0; blk < b1; ++blk) {
             const index_t k0 = blk * wb;
@@ -524,6 +525,16 @@ struct backend_traits<cpu> {
 #if MHC_HAVE_AVX2_KERNELS
     const bool wide = be.isa() == cpu_isa::avx2 && detail::avx512vl_kernels();
 #endif
+    // The gates backward of the nt <= backward_slab tokens from t0 on worker w: grad_pre from the
+    // rows of R, then gz, gb and ga3.
+    const auto gates_slab = [&](index_t t0, int nt, int w) MHC_ALWAYS_INLINE_LAMBDA {
+      F gpre[detail::backward_slab * N];
+      for (int a = 0; a < nt; ++a)
+        detail::grad_pre<N>(be.isa(), R + (t0 + a) * K, gy_in + (t0 + a) * C, C, gpre + a * N);
+      gates_backward_tokens<N, Mapping>(be.isa(), nt, u + t0 * M, r + t0, alpha, bias, cfg, gpre, gpost + t0 * N,
+                                        gcomb + t0 * N * N, gz + t0 * M, gb + t0 * M, ga3 + t0 * 3,
+                                        scratch + w * per_worker);
+    };
     bool gphi_done = false;  // grad_phi written by the column blocks of the wide path
     // gR is written once, not read (unless in place): streaming stores when it is large.
     with_row_writer(be, tokens * K * index_t(sizeof(T)), gR == gRout, [&](auto store) MHC_ALWAYS_INLINE_LAMBDA {
@@ -538,18 +549,10 @@ struct backend_traits<cpu> {
         // split below, which reads each slab's rows of R while they are cached.)
         constexpr int S = detail::backward_slab;
         be.parallel_for(tokens, token_grain(K * M), [&](index_t b, index_t e, int w) {
-          for (index_t t0 = b; t0 < e; t0 += S) {
-            const int nt = int(std::min<index_t>(S, e - t0));
-            F gpre[S * N];
-            for (int a = 0; a < nt; ++a)
-              detail::grad_pre<N>(be.isa(), R + (t0 + a) * K, gy_in + (t0 + a) * C, C, gpre + a * N);
-            gates_backward_tokens<N, Mapping>(be.isa(), nt, u + t0 * M, r + t0, alpha, bias, cfg, gpre,
-                                              gpost + t0 * N, gcomb + t0 * N * N, gz + t0 * M, gb + t0 * M,
-                                              ga3 + t0 * 3, scratch + w * per_worker);
-          }
+          for (index_t t0 = b; t0 < e; t0 += S) gates_slab(t0, int(std::min<index_t>(S, e - t0)), w);
         });
         constexpr index_t W = detail::pre_backward_block<N, M>;
-        const index_t wc = detail::pre_backward_block_width<W>(C, be.threads()), blocks = (C + wc - 1) / wc;
+        const index_t wc = detail::column_block_width(C, W, 64, be.threads()), blocks = (C + wc - 1) / wc;
         be.parallel_for(blocks, 1, [&](index_t b0, index_t b1, int) {
           for (index_t blk = b0; blk < b1; ++blk) {
             const index_t c0 = blk * wc;
@@ -573,11 +576,8 @@ struct backend_traits<cpu> {
         detail::phi_panel<M, F, W> pn[N];
         for (index_t t0 = b; t0 < e; t0 += S) {
           const int nt = int(std::min<index_t>(S, e - t0));
-          F gu[S * M], gs[S], gpre[S * N];
-          for (int a = 0; a < nt; ++a) detail::grad_pre<N>(be.isa(), R + (t0 + a) * K, gy_in + (t0 + a) * C, C, gpre + a * N);
-          gates_backward_tokens<N, Mapping>(be.isa(), nt, u + t0 * M, r + t0, alpha, bias, cfg, gpre, gpost + t0 * N,
-                                            gcomb + t0 * N * N, gz + t0 * M, gb + t0 * M, ga3 + t0 * 3,
-                                            scratch + w * per_worker);
+          F gu[S * M], gs[S];
+          gates_slab(t0, nt, w);
           for (int a = 0; a < nt; ++a) {
             const index_t t = t0 + a;
             gs[a] = scalar::projection_backward_coeffs<M>(gz + t * M, u + t * M, r[t], K, gu + a * M);

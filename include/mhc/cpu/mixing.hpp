@@ -900,21 +900,12 @@ inline constexpr index_t pre_backward_block = std::max<index_t>(32, panel_width<
 template <int N, int M>
 inline constexpr bool pre_backward_columns = M > 4 && 2 * M * N * pre_backward_block<N, M> * 4 <= 98304;
 
-/// Column block width for pre_backward_block_avx512 over `threads` threads: W (pre_backward_block),
-/// halved while that leaves fewer than two blocks per thread, down to 64.
-template <index_t W>
-inline index_t pre_backward_block_width(index_t C, index_t threads) {
-  index_t w = W;
-  while (w > 64 && w % 64 == 0 && (C + w - 1) / w < 2 * threads) w /= 2;
-  return w;
-}
-
-/// Column block width for projection_backward_block_avx512 over `threads` threads: its widest
-/// (grad_phi_wide_block<M>), halved while that leaves fewer than two blocks per thread, down to 128.
-template <int M>
-inline index_t backward_block_width(index_t K, index_t threads) {
-  index_t w = grad_phi_wide_block<M>;
-  while (w > 128 && (K + w - 1) / w < 2 * threads) w /= 2;
+/// Column block width of the backward ops' column split over `threads` threads, for `extent`
+/// columns: `widest`, halved while that leaves fewer than two blocks per thread, down to `narrowest`
+/// (and not below it; a widest below it stays). The bits do not depend on it.
+inline index_t column_block_width(index_t extent, index_t widest, index_t narrowest, index_t threads) {
+  index_t w = widest;
+  while (w > narrowest && (extent + w - 1) / w < 2 * threads) w = std::max(narrowest, w / 2);
   return w;
 }
 #endif
